@@ -1,0 +1,1 @@
+"""Sub-commands of the ``offseg`` command line (see :mod:`offseg_hf.cli`)."""
