@@ -75,7 +75,7 @@ class EfficientFormerV2Config(BackboneConfigMixin, PreTrainedConfig):
         depths (`list[int]`): number of blocks per stage.
         num_attention_blocks (`list[int]`): how many of the *last* blocks of each stage carry multi-head
             self-attention (the others are MLP-only). Attention in stage 3 (index 2) runs on a stride-2
-            subsampled grid; the stage-3 → stage-4 downsampling also uses attention when stage 3 has any.
+            subsampled grid; the stage-3 → stage-4 downsampling always adds an attention branch.
         mlp_expansion_ratios (`list[list[int]]`): MLP expansion ratio of every block.
         key_dim (`int`, defaults to 32), num_attention_heads (`int`, defaults to 8), attention_ratio (`int`,
             defaults to 4): attention block sizes (value dim = attention_ratio * key_dim per head).

@@ -1,0 +1,436 @@
+"""EfficientFormerV2 as a Transformers backbone, in the segmentation form used by OffSeg.
+
+EfficientFormerV2 (Li et al., ICCV 2023) is a four-stage hybrid network. Every block is a residual MLP with
+a depthwise 3×3 convolution inside; the last blocks of stages 3 and 4 add multi-head self-attention, and the
+stage-3 → stage-4 downsampling attends too. This file reproduces the segmentation backbone OffSeg trains
+(``efficientformerv2_{s1,s2,l}_feat`` in the reference code):
+
+* attention biases are relative-position tables laid out for a 512×512 input (a 16×16 token grid in every
+  attention, 16×16 queries over 32×32 keys in the downsampling attention);
+* at any other input size the gathered ``(heads, N_q, N_k)`` bias matrix is resized bicubically to the
+  actual ``(N_q, N_k)`` as if it were an image (identity at 512×512);
+* the outputs are the four stage outputs (strides 4, 8, 16, 32), with no extra normalisation.
+
+Inputs must have sides divisible by 32 (the stage-3 attention halves an even grid);
+[`OffSegForSemanticSegmentation`] pads arbitrary images to that.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BackboneOutput
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.auto.modeling_auto import AutoBackbone
+
+from .configuration_offseg import EfficientFormerV2Config
+
+
+def relative_position_index(query_grid: int, key_grid: int) -> tuple[torch.Tensor, int]:
+    """Index of the bias of every (query, key) pair in a table of distinct relative offsets.
+
+    Queries sit on a ``query_grid × query_grid`` lattice with spacing ``key_grid / query_grid`` (1 for
+    self-attention, 2 for the downsampling attention) over a ``key_grid × key_grid`` key lattice; the offset of
+    a pair is ``(|Δy|, |Δx|)``, and offsets get table slots in order of first appearance (the reference order).
+
+    Returns:
+        `(index, table_size)`: `index` of shape `(query_grid**2, key_grid**2)` (int64) and the number of slots.
+    """
+    stride = math.ceil(key_grid / query_grid)
+    offsets: dict[tuple[int, int], int] = {}
+    index = []
+    keys = list(itertools.product(range(key_grid), range(key_grid)))
+    for qy, qx in itertools.product(range(query_grid), range(query_grid)):
+        for ky, kx in keys:
+            offset = (abs(qy * stride - ky), abs(qx * stride - kx))
+            index.append(offsets.setdefault(offset, len(offsets)))
+    return torch.tensor(index, dtype=torch.long).view(query_grid**2, key_grid**2), len(offsets)
+
+
+class EfficientFormerV2ConvNorm(nn.Sequential):
+    """Conv2d followed by BatchNorm2d: `(B, C_in, H, W) -> (B, C_out, H / stride, W / stride)`."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, eps=1e-5):
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups
+        )
+        self.norm = nn.BatchNorm2d(out_channels, eps=eps)
+
+
+class EfficientFormerV2RelativePositionBias(nn.Module):
+    """Learned relative-position bias added to attention logits, resized to the actual token counts.
+
+    The table ``attention_biases`` (heads × distinct offsets) is gathered into a `(heads, N_q, N_k)` matrix for
+    the layout resolution; for other token counts that matrix is resized bicubically (align_corners=False).
+    In eval mode with gradients disabled the resized matrix is cached per (size, device, dtype, weights
+    version), so it follows ``.to()`` and weight loading.
+    """
+
+    def __init__(self, num_heads: int, query_grid: int, key_grid: int):
+        super().__init__()
+        index, table_size = relative_position_index(query_grid, key_grid)
+        self.query_grid, self.key_grid = query_grid, key_grid
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size))
+        self.register_buffer("attention_bias_idxs", index, persistent=False)
+        self._cache: tuple | None = None
+
+    def reset_index(self):
+        """Recompute the (non-persistent) index buffer, e.g. after meta-device initialisation."""
+        init.copy_(self.attention_bias_idxs, relative_position_index(self.query_grid, self.key_grid)[0])
+
+    def forward(self, num_queries: int, num_keys: int) -> torch.Tensor:
+        """Returns the bias of shape `(1, heads, num_queries, num_keys)`."""
+        use_cache = not self.training and not torch.is_grad_enabled()
+        table = self.attention_biases
+        key = (num_queries, num_keys, table.device, table.dtype, table.data_ptr(), table._version)
+        if use_cache and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        bias = table[:, self.attention_bias_idxs].unsqueeze(0)
+        if bias.shape[-2:] != (num_queries, num_keys):
+            bias = F.interpolate(bias, size=(num_queries, num_keys), mode="bicubic", align_corners=False)
+        self._cache = (key, bias) if use_cache else None
+        return bias
+
+
+class EfficientFormerV2Attention(nn.Module):
+    """Multi-head self-attention of stages 3 and 4 with talking heads and a local value branch.
+
+    `(B, C, H, W) -> (B, C, H, W)`. In stage 3 (``stride=2``) q/k/v are computed on a depthwise stride-2
+    convolution of the input and the result is upsampled bilinearly back to `(H, W)`.
+
+        attn = softmax(T1(q kᵀ · d_k^-1/2 + bias)) then T2(attn),  out = proj(GELU(up(attn v + local(v))))
+
+    where T1, T2 are 1×1 convolutions across heads ("talking heads").
+    """
+
+    def __init__(self, config: EfficientFormerV2Config, dim: int, grid: int, stride: int | None = None):
+        super().__init__()
+        heads, key_dim = config.num_attention_heads, config.key_dim
+        self.num_heads = heads
+        self.scale = key_dim**-0.5
+        value_dim = config.attention_ratio * key_dim * heads
+        eps = config.batch_norm_eps
+        if stride is not None:
+            self.stride_conv = EfficientFormerV2ConvNorm(dim, dim, 3, stride=stride, groups=dim, eps=eps)
+            self.upsample = nn.Upsample(scale_factor=stride, mode="bilinear", align_corners=False)
+            grid = math.ceil(grid / stride)
+        else:
+            self.stride_conv = None
+            self.upsample = None
+        self.q = EfficientFormerV2ConvNorm(dim, key_dim * heads, eps=eps)
+        self.k = EfficientFormerV2ConvNorm(dim, key_dim * heads, eps=eps)
+        self.v = EfficientFormerV2ConvNorm(dim, value_dim, eps=eps)
+        self.v_local = EfficientFormerV2ConvNorm(value_dim, value_dim, 3, groups=value_dim, eps=eps)
+        self.talking_head1 = nn.Conv2d(heads, heads, 1)
+        self.talking_head2 = nn.Conv2d(heads, heads, 1)
+        self.relative_position = EfficientFormerV2RelativePositionBias(heads, grid, grid)
+        self.act = ACT2FN[config.hidden_act]
+        self.proj = EfficientFormerV2ConvNorm(value_dim, dim, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.stride_conv is not None:
+            hidden_states = self.stride_conv(hidden_states)
+        batch, _, height, width = hidden_states.shape
+        tokens = height * width
+        query = self.q(hidden_states).reshape(batch, self.num_heads, -1, tokens).transpose(2, 3)
+        key = self.k(hidden_states).reshape(batch, self.num_heads, -1, tokens)
+        value = self.v(hidden_states)
+        value_local = self.v_local(value)
+        value = value.reshape(batch, self.num_heads, -1, tokens).transpose(2, 3)
+
+        attention = (query @ key) * self.scale + self.relative_position(tokens, tokens)
+        attention = self.talking_head2(self.talking_head1(attention).softmax(dim=-1))
+        context = (attention @ value).transpose(2, 3).reshape(batch, -1, height, width) + value_local
+        if self.upsample is not None:
+            context = self.upsample(context)
+        return self.proj(self.act(context))
+
+
+class EfficientFormerV2LocalGlobalQuery(nn.Module):
+    """Query of the downsampling attention: `(B, C, H, W) -> (B, C_q, H/2, W/2)`.
+
+    ``proj(dwconv3×3_s2(x) + x[:, :, ::2, ::2])`` (the second term is a 1×1 average pool with stride 2).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, eps: float):
+        super().__init__()
+        self.local = nn.Conv2d(in_dim, in_dim, 3, stride=2, padding=1, groups=in_dim)
+        self.pool = nn.AvgPool2d(1, 2, 0)
+        self.proj = EfficientFormerV2ConvNorm(in_dim, out_dim, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.local(hidden_states) + self.pool(hidden_states))
+
+
+class EfficientFormerV2AttentionDownsample(nn.Module):
+    """Attention that halves the resolution (stage 3 → 4): `(B, C, H, W) -> (B, C_out, H/2, W/2)`.
+
+    Queries come from the stride-2 grid (local + pooled), keys and values from the full grid; no talking heads.
+    """
+
+    def __init__(self, config: EfficientFormerV2Config, dim: int, out_dim: int, grid: int):
+        super().__init__()
+        heads, key_dim = config.downsample_num_attention_heads, config.downsample_key_dim
+        self.num_heads = heads
+        self.scale = key_dim**-0.5
+        value_dim = config.attention_ratio * key_dim * heads
+        eps = config.batch_norm_eps
+        self.q = EfficientFormerV2LocalGlobalQuery(dim, key_dim * heads, eps)
+        self.k = EfficientFormerV2ConvNorm(dim, key_dim * heads, eps=eps)
+        self.v = EfficientFormerV2ConvNorm(dim, value_dim, eps=eps)
+        self.v_local = EfficientFormerV2ConvNorm(value_dim, value_dim, 3, stride=2, groups=value_dim, eps=eps)
+        self.relative_position = EfficientFormerV2RelativePositionBias(heads, math.ceil(grid / 2), grid)
+        self.act = ACT2FN[config.hidden_act]
+        self.proj = EfficientFormerV2ConvNorm(value_dim, out_dim, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = hidden_states.shape
+        num_keys, num_queries = height * width, (height // 2) * (width // 2)
+        query = self.q(hidden_states).reshape(batch, self.num_heads, -1, num_queries).transpose(2, 3)
+        key = self.k(hidden_states).reshape(batch, self.num_heads, -1, num_keys)
+        value = self.v(hidden_states)
+        value_local = self.v_local(value)
+        value = value.reshape(batch, self.num_heads, -1, num_keys).transpose(2, 3)
+
+        attention = (query @ key) * self.scale + self.relative_position(num_queries, num_keys)
+        attention = attention.softmax(dim=-1)
+        context = (attention @ value).transpose(2, 3).reshape(batch, -1, height // 2, width // 2) + value_local
+        return self.proj(self.act(context))
+
+
+class EfficientFormerV2Downsample(nn.Module):
+    """Stride-2 patch merging between stages: `(B, C_in, H, W) -> (B, C_out, H/2, W/2)`.
+
+    ``BN(conv3×3_s2(x))``, plus the downsampling attention for the stage-3 → stage-4 transition.
+    """
+
+    def __init__(self, config: EfficientFormerV2Config, in_dim: int, out_dim: int, grid: int, use_attention: bool):
+        super().__init__()
+        self.conv = EfficientFormerV2ConvNorm(in_dim, out_dim, 3, stride=2, eps=config.batch_norm_eps)
+        self.attention = (
+            EfficientFormerV2AttentionDownsample(config, in_dim, out_dim, grid) if use_attention else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = self.conv(hidden_states)
+        if self.attention is not None:
+            output = self.attention(hidden_states) + output
+        return output
+
+
+class EfficientFormerV2Mlp(nn.Module):
+    """Convolutional MLP: `fc1 → BN → act → dw3×3 → BN → act → fc2 → BN`, `(B, C, H, W) -> (B, C, H, W)`."""
+
+    def __init__(self, config: EfficientFormerV2Config, dim: int, hidden_dim: int):
+        super().__init__()
+        eps = config.batch_norm_eps
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.norm1 = nn.BatchNorm2d(hidden_dim, eps=eps)
+        self.depthwise = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.depthwise_norm = nn.BatchNorm2d(hidden_dim, eps=eps)
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.norm2 = nn.BatchNorm2d(dim, eps=eps)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.act(self.norm1(self.fc1(hidden_states)))
+        hidden_states = self.act(self.depthwise_norm(self.depthwise(hidden_states)))
+        return self.norm2(self.fc2(hidden_states))
+
+
+class EfficientFormerV2DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode or at rate 0)."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep = 1.0 - self.drop_prob
+        mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class EfficientFormerV2Block(GradientCheckpointingLayer):
+    """One block: ``x = x + s1·Attention(x)`` (attention blocks only), then ``x = x + s2·Mlp(x)``.
+
+    `s1`, `s2` are per-channel layer scales of shape `(C, 1, 1)`.
+    """
+
+    def __init__(
+        self,
+        config: EfficientFormerV2Config,
+        dim: int,
+        mlp_ratio: float,
+        drop_path: float,
+        grid: int | None = None,
+        stride: int | None = None,
+    ):
+        super().__init__()
+        if grid is not None:
+            self.attention = EfficientFormerV2Attention(config, dim, grid, stride)
+            self.layer_scale_1 = nn.Parameter(torch.full((dim, 1, 1), config.layer_scale_init_value))
+        else:
+            self.attention = None
+            self.layer_scale_1 = None
+        self.mlp = EfficientFormerV2Mlp(config, dim, int(dim * mlp_ratio))
+        self.layer_scale_2 = nn.Parameter(torch.full((dim, 1, 1), config.layer_scale_init_value))
+        self.drop_path = EfficientFormerV2DropPath(drop_path)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.attention is not None:
+            hidden_states = hidden_states + self.drop_path(self.layer_scale_1 * self.attention(hidden_states))
+        return hidden_states + self.drop_path(self.layer_scale_2 * self.mlp(hidden_states))
+
+
+class EfficientFormerV2Stem(nn.Sequential):
+    """Two stride-2 3×3 conv + BN + act: `(B, 3, H, W) -> (B, C_1, H/4, W/4)`."""
+
+    def __init__(self, config: EfficientFormerV2Config):
+        super().__init__()
+        out_dim, eps = config.hidden_sizes[0], config.batch_norm_eps
+        self.conv1 = EfficientFormerV2ConvNorm(config.num_channels, out_dim // 2, 3, stride=2, eps=eps)
+        self.act1 = ACT2FN[config.hidden_act]
+        self.conv2 = EfficientFormerV2ConvNorm(out_dim // 2, out_dim, 3, stride=2, eps=eps)
+        self.act2 = ACT2FN[config.hidden_act]
+
+
+class EfficientFormerV2Stage(nn.Module):
+    """Optional downsampling, then the stage's blocks: `(B, C_prev, 2H, 2W) -> (B, C, H, W)`."""
+
+    def __init__(self, config: EfficientFormerV2Config, stage: int, drop_path_rates: list[float]):
+        super().__init__()
+        dim = config.hidden_sizes[stage]
+        # Token grid of this stage for the layout resolution (32 for stage 3 and 16 for stage 4 at 512×512).
+        grid = math.ceil(config.attention_bias_resolution / 2 ** (stage + 2))
+        if stage == 0:
+            self.downsample = None
+        else:
+            previous_grid = math.ceil(config.attention_bias_resolution / 2 ** (stage + 1))
+            self.downsample = EfficientFormerV2Downsample(
+                config, config.hidden_sizes[stage - 1], dim, previous_grid, use_attention=stage == 3
+            )
+        depth = config.depths[stage]
+        first_attention = depth - config.num_attention_blocks[stage]
+        offset = sum(config.depths[:stage])
+        self.blocks = nn.ModuleList(
+            EfficientFormerV2Block(
+                config,
+                dim,
+                config.mlp_expansion_ratios[stage][index],
+                drop_path_rates[offset + index],
+                grid=grid if index >= first_attention else None,
+                stride=2 if stage == 2 else None,
+            )
+            for index in range(depth)
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            hidden_states = self.downsample(hidden_states)
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        return hidden_states
+
+
+class EfficientFormerV2PreTrainedModel(PreTrainedModel):
+    config: EfficientFormerV2Config
+    config_class = EfficientFormerV2Config
+    base_model_prefix = "efficientformer_v2"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EfficientFormerV2Stage"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Reference init: MLP 1×1 convs truncated-normal, other convs PyTorch default, BN (1, 0), layer scales
+        ``layer_scale_init_value``, attention biases 0."""
+        if isinstance(module, EfficientFormerV2Mlp):
+            for conv in (module.fc1, module.fc2):
+                init.trunc_normal_(conv.weight, std=self.config.initializer_range)
+                init.zeros_(conv.bias)
+        elif isinstance(module, nn.Conv2d):
+            module.reset_parameters()
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, EfficientFormerV2RelativePositionBias):
+            init.zeros_(module.attention_biases)
+            module.reset_index()
+        elif isinstance(module, EfficientFormerV2Block):
+            for scale in (module.layer_scale_1, module.layer_scale_2):
+                if scale is not None:
+                    init.constant_(scale, self.config.layer_scale_init_value)
+
+
+class EfficientFormerV2Backbone(BackboneMixin, EfficientFormerV2PreTrainedModel):
+    """EfficientFormerV2 feature extractor: `pixel_values (B, 3, H, W)` with H, W divisible by 32 →
+    feature maps of the selected stages, `(B, C_i, H / 2^(i+1), W / 2^(i+1))` for ``stage{i}``.
+
+    ``hidden_states`` (when requested) are the stem output followed by the four stage outputs.
+    """
+
+    has_attentions = False
+
+    def __init__(self, config: EfficientFormerV2Config):
+        super().__init__(config)
+        self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
+        self.embeddings = EfficientFormerV2Stem(config)
+        total = sum(config.depths)
+        rates = [config.drop_path_rate * index / max(total - 1, 1) for index in range(total)]
+        self.stages = nn.ModuleList(EfficientFormerV2Stage(config, stage, rates) for stage in range(4))
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        height, width = pixel_values.shape[-2:]
+        if height % 32 or width % 32:
+            raise ValueError(
+                f"EfficientFormerV2Backbone needs input sides divisible by 32, got {height}×{width}; "
+                "pad the input (OffSegForSemanticSegmentation does this for you)"
+            )
+        hidden_states = self.embeddings(pixel_values)
+        all_hidden_states = [hidden_states]
+        for stage in self.stages:
+            hidden_states = stage(hidden_states)
+            all_hidden_states.append(hidden_states)
+
+        feature_maps = tuple(
+            state for name, state in zip(self.stage_names, all_hidden_states) if name in self.out_features
+        )
+        hidden = tuple(all_hidden_states) if output_hidden_states else None
+        if not return_dict:
+            return (feature_maps,) + ((hidden,) if output_hidden_states else ())
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden, attentions=None)
+
+
+AutoBackbone.register(EfficientFormerV2Config, EfficientFormerV2Backbone, exist_ok=True)
+
+__all__ = ["EfficientFormerV2Backbone", "EfficientFormerV2PreTrainedModel"]
