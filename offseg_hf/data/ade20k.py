@@ -1,0 +1,46 @@
+"""ADE20K (SceneParsing, 150 classes) from the official ``ADEChallengeData2016`` layout.
+
+::
+
+    ADEChallengeData2016/
+      images/training/ADE_train_00000001.jpg ...      images/validation/ADE_val_00000001.jpg ...
+      annotations/training/ADE_train_00000001.png ... annotations/validation/...
+
+Annotations hold 0..150 with 0 = "other": labels are reduced (0 → 255, ``v`` → ``v - 1``) once,
+here; nothing downstream reduces them again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from offseg_hf.data.loading import LabelMapping, canonical_split, first_existing, paired_file_dataset, sorted_files
+
+__all__ = ["load_ade20k"]
+
+_SPLIT_FOLDERS = {"train": "training", "validation": "validation"}
+
+
+def load_ade20k(data_dir: str | Path, split: str = "train"):
+    """The ``train`` or ``validation`` split; ``data_dir`` is ``ADEChallengeData2016`` or its parent.
+
+    Returns:
+        canonical lazy ``datasets.Dataset`` (see :mod:`offseg_hf.data.loading`), 150 train ids.
+
+    Raises:
+        FileNotFoundError: missing folder, or an image without its annotation (named).
+    """
+    split = canonical_split(split)
+    if split not in _SPLIT_FOLDERS:
+        raise ValueError(f"ADE20K has train and validation splits with annotations, not {split!r}")
+    root = Path(data_dir)
+    root = first_existing([root / "ADEChallengeData2016", root], "ADE20K root")
+    folder = _SPLIT_FOLDERS[split]
+    images = sorted_files(root / "images" / folder, "*.jpg")
+    labels = []
+    for image in images:
+        label = root / "annotations" / folder / f"{image.stem}.png"
+        if not label.is_file():
+            raise FileNotFoundError(f"ADE20K image {image} has no annotation {label}")
+        labels.append(label)
+    return paired_file_dataset(images, labels, LabelMapping.reduce_labels(150), split)

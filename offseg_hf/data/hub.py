@@ -1,0 +1,158 @@
+"""Benchmarks streamed from the Hugging Face Hub (parquet datasets, ``streaming=True``).
+
+Script-based Hub datasets (such as the original ``scene_parse_150``) no longer load with
+``datasets`` 5; parquet repositories do. Known repositories (defaults filled in automatically):
+
+=================================  =========  ==============  ===================  ===================
+Hub id                             dataset    revision        columns              labels
+=================================  =========  ==============  ===================  ===================
+``zhoubolei/scene_parse_150``      ade20k     ``refs/convert/ image / annotation   0..150, 0 = other
+                                              parquet``                            (reduced here)
+``GATE-engine/COCOStuff164K``      coco-stuff main            image / mask         raw ids 0..181
+                                                                                   (mapped here)
+=================================  =========  ==============  ===================  ===================
+
+(``scene_parse_150`` uses config ``scene_parsing`` and splits ``train``/``validation``;
+``COCOStuff164K`` has splits ``train``/``val``.) Any other repository works when you name its
+columns (``image_column``, ``label_column``) and the label encoding (``label_format``, default
+the benchmark's raw encoding: ADE20K / Pascal Context ``reduce``, COCO-Stuff ``coco-stuff-raw``,
+Cityscapes ``cityscapes-label-ids``; use ``train-ids`` for maps already in train ids).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from offseg_hf.data.loading import LabelMapping, canonical_split
+
+__all__ = ["KNOWN_HUB_DATASETS", "LABEL_FORMATS", "label_mapping_for", "load_hub_dataset"]
+
+KNOWN_HUB_DATASETS: dict[str, dict[str, Any]] = {
+    "zhoubolei/scene_parse_150": {
+        "dataset": "ade20k",
+        "revision": "refs/convert/parquet",
+        "config_name": "scene_parsing",
+        "image_column": "image",
+        "label_column": "annotation",
+        "label_format": "reduce",
+        "splits": {"train": "train", "validation": "validation", "test": "test"},
+    },
+    "GATE-engine/COCOStuff164K": {
+        "dataset": "coco-stuff",
+        "revision": None,
+        "config_name": None,
+        "image_column": "image",
+        "label_column": "mask",
+        "label_format": "coco-stuff-raw",
+        "splits": {"train": "train", "validation": "val"},
+    },
+}
+
+LABEL_FORMATS = ("train-ids", "reduce", "coco-stuff-raw", "cityscapes-label-ids")
+
+_DEFAULT_FORMAT = {
+    "ade20k": "reduce",
+    "pascal-context": "reduce",
+    "coco-stuff": "coco-stuff-raw",
+    "cityscapes": "cityscapes-label-ids",
+}
+
+
+def label_mapping_for(label_format: str, num_labels: int) -> LabelMapping:
+    """The :class:`LabelMapping` of a ``label_format`` (one of :data:`LABEL_FORMATS`)."""
+    if label_format == "train-ids":
+        return LabelMapping.identity(num_labels)
+    if label_format == "reduce":
+        return LabelMapping.reduce_labels(num_labels)
+    if label_format == "coco-stuff-raw":
+        from offseg_hf.data.coco_stuff import coco_stuff_mapping
+
+        return coco_stuff_mapping()
+    if label_format == "cityscapes-label-ids":
+        from offseg_hf.data.cityscapes import cityscapes_mapping
+
+        return cityscapes_mapping()
+    raise ValueError(f"unknown label_format {label_format!r}; choose one of {', '.join(LABEL_FORMATS)}")
+
+
+def canonicalize_row(row: dict, index: int, image_column: str, label_column: str, mapping: LabelMapping, source: str):
+    """One Hub row → ``{"image": RGB PIL, "label": "L" PIL of train ids, "index"}``.
+
+    Raises:
+        KeyError: a missing column (the message lists those present).
+    """
+    from PIL import Image
+
+    for column in (image_column, label_column):
+        if column not in row:
+            raise KeyError(f"{source}: no column {column!r}; columns are {sorted(row)} (set image/label column names)")
+    image = row[image_column]
+    if not hasattr(image, "convert"):
+        image = Image.fromarray(np.asarray(image))
+    label = row[label_column]
+    raw = np.asarray(label)
+    if raw.ndim == 3:  # RGB-saved single-channel maps: all channels equal
+        raw = raw[..., 0]
+    train_ids = mapping(raw, source=f"{source} row {index} column {label_column!r}")
+    return {"image": image.convert("RGB"), "label": Image.fromarray(train_ids, mode="L"), "index": index}
+
+
+def load_hub_dataset(
+    hub_id: str,
+    split: str = "train",
+    dataset: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    label_format: str | None = None,
+    revision: str | None = None,
+    config_name: str | None = None,
+    streaming: bool = True,
+):
+    """Stream a split of a Hub segmentation dataset in the canonical row form.
+
+    Args:
+        hub_id: repository id (see the table above for the known ones and their defaults).
+        split: ``train`` / ``validation`` / ``test`` (mapped to the repository's split names).
+        dataset: benchmark name giving the number of classes and the default ``label_format``.
+        image_column, label_column, label_format, revision, config_name: override the defaults.
+        streaming: ``True`` (default) streams parquet shards; ``False`` downloads them.
+
+    Returns:
+        ``datasets.IterableDataset`` (``streaming=True``) or ``datasets.Dataset`` of canonical rows.
+    """
+    import datasets
+
+    from offseg_hf.data.tables import get_dataset_info
+
+    known = KNOWN_HUB_DATASETS.get(hub_id, {})
+    name = dataset or known.get("dataset")
+    if name is None:
+        raise ValueError(f"Hub dataset {hub_id!r} is not a known one: say which benchmark it is (dataset=...)")
+    info = get_dataset_info(name)
+    image_column = image_column or known.get("image_column", "image")
+    label_column = label_column or known.get("label_column", "label")
+    label_format = label_format or known.get("label_format") or _DEFAULT_FORMAT[info.name]
+    revision = revision if revision is not None else known.get("revision")
+    config_name = config_name if config_name is not None else known.get("config_name")
+    split = canonical_split(split)
+    hub_split = known.get("splits", {}).get(split, split)
+    mapping = label_mapping_for(label_format, info.num_labels)
+
+    raw = datasets.load_dataset(hub_id, config_name, split=hub_split, revision=revision, streaming=streaming)
+    columns = list(raw.column_names or [])
+
+    def convert(row: dict, index: int) -> dict:
+        return canonicalize_row(row, index, image_column, label_column, mapping, hub_id)
+
+    if streaming:
+        return raw.map(convert, with_indices=True, remove_columns=columns or None)
+    raw = raw.add_column("index", list(range(len(raw))))
+    return raw.with_transform(lambda batch: _convert_batch(batch, image_column, label_column, mapping, hub_id))
+
+
+def _convert_batch(batch: dict, image_column: str, label_column: str, mapping: LabelMapping, source: str) -> dict:
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    out = [canonicalize_row(row, row["index"], image_column, label_column, mapping, source) for row in rows]
+    return {key: [row[key] for row in out] for key in ("image", "label", "index")}
