@@ -230,5 +230,7 @@ class OffSegConfig(PreTrainedConfig):
 # AutoConfig by model_type, also when these files run as Hub remote code without the package installed.
 AutoConfig.register(EfficientFormerV2Config.model_type, EfficientFormerV2Config, exist_ok=True)
 AutoConfig.register(OffSegConfig.model_type, OffSegConfig, exist_ok=True)
+EfficientFormerV2Config.register_for_auto_class()
+OffSegConfig.register_for_auto_class()
 
 __all__ = ["EfficientFormerV2Config", "OffSegConfig", "EFFICIENTFORMER_V2_VARIANTS", "OFFSEG_PRESETS"]

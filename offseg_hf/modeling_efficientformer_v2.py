@@ -238,6 +238,7 @@ class EfficientFormerV2Mlp(nn.Module):
         self.depthwise = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
         self.depthwise_norm = nn.BatchNorm2d(hidden_dim, eps=eps)
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.fc1.init_scheme = self.fc2.init_scheme = "trunc_normal"
         self.norm2 = nn.BatchNorm2d(dim, eps=eps)
         self.act = ACT2FN[config.hidden_act]
 
@@ -359,13 +360,17 @@ class EfficientFormerV2PreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         """Reference init: MLP 1×1 convs truncated-normal, other convs PyTorch default, BN (1, 0), layer scales
-        ``layer_scale_init_value``, attention biases 0."""
-        if isinstance(module, EfficientFormerV2Mlp):
-            for conv in (module.fc1, module.fc2):
-                init.trunc_normal_(conv.weight, std=self.config.initializer_range)
-                init.zeros_(conv.bias)
-        elif isinstance(module, nn.Conv2d):
-            module.reset_parameters()
+        ``layer_scale_init_value``, attention biases 0.
+
+        Transformers skips modules without parameters of their own, so the scheme of a conv is read from the
+        ``init_scheme`` attribute its parent sets on it rather than decided at the parent.
+        """
+        if isinstance(module, nn.Conv2d):
+            if getattr(module, "init_scheme", None) == "trunc_normal":
+                init.trunc_normal_(module.weight, std=self.config.initializer_range)
+                init.zeros_(module.bias)
+            else:
+                module.reset_parameters()
         elif isinstance(module, nn.BatchNorm2d):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -432,5 +437,6 @@ class EfficientFormerV2Backbone(BackboneMixin, EfficientFormerV2PreTrainedModel)
 
 
 AutoBackbone.register(EfficientFormerV2Config, EfficientFormerV2Backbone, exist_ok=True)
+EfficientFormerV2Backbone.register_for_auto_class("AutoBackbone")
 
 __all__ = ["EfficientFormerV2Backbone", "EfficientFormerV2PreTrainedModel"]

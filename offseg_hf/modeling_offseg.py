@@ -89,8 +89,11 @@ def neighbour_cosine_similarity(features: torch.Tensor, dilation: int = 2) -> to
         features: `(B, C, H, W)`.
 
     Returns:
-        `(B, 8, H, W)`, neighbours in row-major order with the centre left out.
+        `(B, 8, H, W)`, neighbours in row-major order with the centre left out (computed in at least float32:
+        the ``1e-8`` guard of ``0 / 0`` at the image border underflows to zero in float16).
     """
+    dtype = features.dtype
+    features = features.float() if dtype in (torch.float16, torch.bfloat16) else features
     batch, channels, height, width = features.shape
     norms = features.norm(dim=1, keepdim=True)
     padded = F.pad(features, [dilation] * 4)
@@ -105,7 +108,7 @@ def neighbour_cosine_similarity(features: torch.Tensor, dilation: int = 2) -> to
             neighbour_norm = padded_norms[:, :, y : y + height, x : x + width]
             dot = (features * neighbour).sum(dim=1, keepdim=True)
             similarities.append(dot / (norms * neighbour_norm).clamp_min(1e-8))
-    return torch.cat(similarities, dim=1)
+    return torch.cat(similarities, dim=1).to(dtype)
 
 
 class OffSegConvNormAct(nn.Module):
@@ -114,6 +117,7 @@ class OffSegConvNormAct(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_groups: int):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.conv.init_scheme = "kaiming"
         self.norm = nn.GroupNorm(num_groups, out_channels, eps=1e-5)
         self.act = nn.ReLU()
 
@@ -219,6 +223,10 @@ class OffSegFreqFusion(nn.Module):
             compressed, self.highpass_kernel**2, encoder_kernel, padding=encoder_kernel // 2
         )
         self.resampler = OffSegSimilaritySampler(compressed, config.freqfusion_resample_groups, encoder_kernel)
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d):
+                conv.init_scheme = "xavier_uniform"
+        self.lowpass_encoder.init_scheme = self.highpass_encoder.init_scheme = "kernel_encoder"
 
     def forward(self, hr_features: torch.Tensor, lr_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low_k, high_k = self.lowpass_kernel, self.highpass_kernel
@@ -356,19 +364,22 @@ class OffSegPreTrainedModel(PreTrainedModel):
         """Reference init of the decoder (the backbone initialises itself):
 
         * 1×1 conv blocks: Kaiming normal (fan_out, ReLU), norms (1, 0);
-        * FreqFusion: Xavier-uniform for every conv (bias 0), then N(0, 0.001) for both kernel encoders;
+        * FreqFusion: Xavier-uniform for every conv (bias 0), except N(0, 0.001) for both kernel encoders;
         * offset learning: truncated normal (std ``offset_learning_init_std``) for W and both projections.
+
+        Transformers skips modules without parameters of their own, so a conv's scheme is read from the
+        ``init_scheme`` attribute its parent sets on it.
         """
-        if isinstance(module, OffSegConvNormAct):
-            init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, OffSegFreqFusion):
-            for conv in module.modules():
-                if isinstance(conv, nn.Conv2d):
-                    init.xavier_uniform_(conv.weight)
-                    init.zeros_(conv.bias)
-            for encoder in (module.lowpass_encoder, module.highpass_encoder):
-                init.normal_(encoder.weight, std=0.001)
-                init.zeros_(encoder.bias)
+        if isinstance(module, nn.Conv2d):
+            scheme = getattr(module, "init_scheme", None)
+            if scheme == "kaiming":
+                init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif scheme == "xavier_uniform":
+                init.xavier_uniform_(module.weight)
+            elif scheme == "kernel_encoder":
+                init.normal_(module.weight, std=0.001)
+            if module.bias is not None and scheme is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -507,6 +518,10 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
 
 AutoModel.register(OffSegConfig, OffSegModel, exist_ok=True)
 AutoModelForSemanticSegmentation.register(OffSegConfig, OffSegForSemanticSegmentation, exist_ok=True)
+# save_pretrained writes an ``auto_map`` and copies these files, so a saved folder also loads with
+# ``trust_remote_code=True`` where offseg_hf is not installed.
+OffSegModel.register_for_auto_class("AutoModel")
+OffSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 
 __all__ = [
     "OffSegDecoder",
