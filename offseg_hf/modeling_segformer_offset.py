@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss
 from transformers import initialization as init
 from transformers.backbone_utils import filter_output_hidden_states
+from transformers.conversion_mapping import WeightRenaming, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.models.auto.configuration_auto import AutoConfig
 from transformers.models.auto.modeling_auto import AutoModelForSemanticSegmentation
@@ -68,6 +69,12 @@ class SegformerOffsetConfig(SegformerConfig):
     offset_learning_pool_size: int = 2
     offset_learning_init_std: float = 0.02
     encoder_layer_norm_eps: float | None = None
+
+    def __post_init__(self, **kwargs):
+        # A plain SegFormer config.json (model_type "segformer") may be loaded into this class, e.g. by
+        # SegformerOffsetForSemanticSegmentation.from_pretrained("nvidia/mit-b0"): keep our own model_type.
+        kwargs.pop("model_type", None)
+        super().__post_init__(**kwargs)
 
     def validate_architecture(self):
         """Check the offset-learning fields."""
@@ -251,6 +258,13 @@ class SegformerOffsetForSemanticSegmentation(SegformerPreTrainedModel):
         )
 
 
+# Hub SegFormer checkpoints name the per-level projections ``decode_head.linear_c`` (transformers renames them
+# for its own class; the encoder's legacy names are handled by SegformerModel's mapping).
+register_checkpoint_conversion_mapping(
+    SegformerOffsetForSemanticSegmentation.__name__,
+    [WeightRenaming("decode_head.linear_c", "decode_head.linear_projections")],
+    overwrite=True,
+)
 AutoConfig.register(SegformerOffsetConfig.model_type, SegformerOffsetConfig, exist_ok=True)
 AutoModelForSemanticSegmentation.register(SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation, exist_ok=True)
 # A saved folder also carries this file (and its relative imports), so it loads with trust_remote_code=True
