@@ -98,6 +98,8 @@ class TrainConfig:
     warmup_start_factor: float = 1e-6
     poly_power: float = 1.0
     no_decay_class_embeddings: bool = False
+    classifier: str = "offset-learning"  # or "per-pixel": a 1×1 conv in place of offset learning (Table 6)
+    time_budget_s: float | None = None  # stop training after this much wall time (benchmarks)
     # data pipeline
     crop_size: int | None = None
     train_scale: tuple[int, int] | None = None
@@ -178,6 +180,8 @@ def resolve_config(overrides: dict[str, Any] | None = None, config_file: str | N
     for key in ("train_scale", "test_scale"):
         if getattr(config, key) is not None:
             setattr(config, key, tuple(getattr(config, key)))
+    if config.classifier not in ("offset-learning", "per-pixel"):
+        raise ValueError(f"classifier must be offset-learning or per-pixel, got {config.classifier!r}")
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
     return config
@@ -281,6 +285,24 @@ def _trainer_classes():
         def on_epoch_begin(self, args, state, control, **kwargs):
             self.example_transform.epoch = int(math.floor(state.epoch + 1e-9)) if state.epoch else 0
 
+    class TimeBudget(TrainerCallback):
+        """Stops training (with a final save and evaluation) once ``seconds`` of wall time have passed."""
+
+        def __init__(self, seconds: float):
+            import time
+
+            self.seconds, self.clock, self.start = seconds, time.monotonic, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = self.clock()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.start is not None and self.clock() - self.start > self.seconds:
+                control.should_training_stop = True
+                control.should_save = True
+                control.should_evaluate = True
+            return control
+
     class OffSegTrainer(Trainer):
         """``Trainer`` with the recipe's parameter groups and warm-up + poly schedule.
 
@@ -330,7 +352,7 @@ def _trainer_classes():
                 labels = self.accelerator.pad_across_processes(labels, dim=2, pad_index=LABEL_PAD_VALUE)
             return loss, logits, labels
 
-    return OffSegTrainer, EpochForAugmentation
+    return OffSegTrainer, EpochForAugmentation, TimeBudget
 
 
 def _num_processes() -> int:
@@ -359,6 +381,8 @@ def build_model(config: TrainConfig, id2label: dict[int, str]):
             config.model, num_labels=len(id2label), id2label=id2label, label2id=label2id,
             ignore_mismatched_sizes=True,
         )
+    if config.classifier == "per-pixel":
+        use_per_pixel_classifier(model)
     if config.backbone_weights:
         from offseg_hf import EfficientFormerV2Backbone
 
@@ -369,6 +393,29 @@ def build_model(config: TrainConfig, id2label: dict[int, str]):
                 f"{config.backbone_weights}: backbone weights do not match (missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]})"
             )
+    return model
+
+
+class PerPixelClassifier(nn.Module):
+    """The baseline of the paper's Table 6: a 1×1 convolution ``(B, C, H, W) -> (B, K, H, W)``."""
+
+    def __init__(self, hidden_size: int, num_labels: int):
+        super().__init__()
+        self.classifier = nn.Conv2d(hidden_size, num_labels, kernel_size=1)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(features)
+
+
+def use_per_pixel_classifier(model: nn.Module) -> nn.Module:
+    """Replace ``model.offset_learning`` by a :class:`PerPixelClassifier` (in place; returns the model).
+
+    For ablations only: the result does not save/load as an ``OffSegForSemanticSegmentation``.
+    """
+    config = model.config
+    model.offset_learning = PerPixelClassifier(config.decoder_hidden_size, config.num_labels)
     return model
 
 
@@ -454,6 +501,9 @@ def build_trainer(config: TrainConfig):
     train_dataset = attach_transform(train_raw, train_transform)
     eval_dataset = attach_transform(_limit(validation_raw, config.eval_max_samples), eval_transform)
 
+    from transformers import set_seed
+
+    set_seed(config.seed)  # same initial weights for the same seed, whatever ran before in this process
     model = build_model(config, id2label)
     device_type = "cpu" if config.use_cpu or not torch.cuda.is_available() else "cuda"
     model = maybe_sync_batch_norm(model, num_processes, device_type)
@@ -494,7 +544,10 @@ def build_trainer(config: TrainConfig):
         **config.extra,
     )
     processor = OffSegImageProcessor()
-    trainer_class, epoch_callback = _trainer_classes()
+    trainer_class, epoch_callback, time_budget = _trainer_classes()
+    callbacks = [epoch_callback(train_transform)]
+    if config.time_budget_s:
+        callbacks.append(time_budget(config.time_budget_s))
     trainer = trainer_class(
         model=model,
         args=args,
@@ -504,7 +557,7 @@ def build_trainer(config: TrainConfig):
         processing_class=processor,
         compute_metrics=SegmentationMetricsForTrainer(len(class_names), class_names=class_names),
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        callbacks=[epoch_callback(train_transform)],
+        callbacks=callbacks,
         recipe=config,
     )
     return trainer, processor
@@ -521,7 +574,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run training (resuming from the last checkpoint when ``config.resume``), evaluate, save, push.
 
     Writes to ``output_dir``: checkpoints, the final (best) model with its processor, ``train_config.json``
-    and ``eval_results.json``. Returns the final evaluation metrics.
+    ``eval_results.json`` and ``log_history.json`` (losses, learning rates, evaluations). Returns the final evaluation metrics.
     """
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     trainer, processor = build_trainer(config)
@@ -539,6 +592,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         processor.save_pretrained(config.output_dir)
         summary = {k: v for k, v in metrics.items() if not k.startswith("eval_IoU-")}
         Path(config.output_dir, "eval_results.json").write_text(json.dumps(metrics, indent=2))
+        Path(config.output_dir, "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         logger.info("final evaluation: %s", summary)
     if config.push_to_hub:
         trainer.push_to_hub(

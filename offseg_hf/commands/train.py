@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="offseg-t | offseg-b | offseg-l, or a folder / Hub id to fine-tune")
+    model.add_argument("--classifier", choices=["offset-learning", "per-pixel"],
+                       help="per-pixel: a 1×1 conv instead of offset learning (ablation, paper Table 6)")
     model.add_argument("--backbone-weights", help="EfficientFormerV2Backbone folder / Hub id (ImageNet weights)")
 
     optim = parser.add_argument_group("optimisation (defaults: the paper's recipe for the dataset)")
@@ -72,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--push-to-hub", metavar="REPO", help="push the final model, processor and card to REPO")
     run.add_argument("--hub-private", action="store_true", default=None)
     run.add_argument("--report-to", help="none | tensorboard | wandb ...")
+    run.add_argument("--time-budget-s", type=float, help="stop training after this many seconds of wall time")
     run.add_argument("--use-cpu", action="store_true", default=None, help="train on CPU even if a GPU is present")
 
 
