@@ -138,13 +138,18 @@ class Mask2FormerOffsetForUniversalSegmentation(Mask2FormerForUniversalSegmentat
         self.post_init()  # initialises only the modules not initialised yet: the offset learning
 
     @torch.no_grad()
-    def _init_weights(self, module):
-        """Mask2Former's init plus truncated-normal offset projections (std ``offset_learning_init_std``)."""
-        if isinstance(module, OffSegMaskOffsetLearning):
-            init.trunc_normal_(module.class_offset_proj.weight, std=self.config.offset_learning_init_std)
-            init.trunc_normal_(module.feature_offset_proj.weight, std=self.config.offset_learning_init_std)
-        else:
-            super()._init_weights(module)
+    def initialize_weights(self):
+        """Mask2Former's init, then truncated-normal offset projections (std ``offset_learning_init_std``).
+
+        The offset learning sits inside `Mask2FormerModel`, a sub-model that initialises its own subtree with its
+        generic Linear init, so ours runs afterwards; weights loaded from a checkpoint are left untouched.
+        """
+        super().initialize_weights()
+        std = self.config.offset_learning_init_std
+        for module in self.modules():
+            if isinstance(module, OffSegMaskOffsetLearning):
+                init.trunc_normal_(module.class_offset_proj.weight, std=std)
+                init.trunc_normal_(module.feature_offset_proj.weight, std=std)
 
 
 AutoConfig.register(Mask2FormerOffsetConfig.model_type, Mask2FormerOffsetConfig, exist_ok=True)

@@ -99,6 +99,7 @@ class SegformerOffsetConvNormAct(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.conv.init_scheme = "kaiming"  # read by _init_weights (Transformers skips parameter-less parents)
         self.batch_norm = nn.BatchNorm2d(out_channels)
         self.activation = nn.ReLU()
 
@@ -223,8 +224,8 @@ class SegformerOffsetForSemanticSegmentation(SegformerPreTrainedModel):
             init.trunc_normal_(module.class_embeddings, std=std)
             init.trunc_normal_(module.class_offset_proj.weight, std=std)
             init.trunc_normal_(module.feature_offset_proj.weight, std=std)
-        elif isinstance(module, SegformerOffsetConvNormAct):
-            init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.Conv2d) and getattr(module, "init_scheme", None) == "kaiming":
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         else:
             super()._init_weights(module)
 

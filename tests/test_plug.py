@@ -193,6 +193,23 @@ def test_reference_style_head_and_config_validation():
         SegformerOffsetConfig(decode_head_style="mlp")
 
 
+def test_fresh_init_of_the_new_modules():
+    """Transformers skips parameter-less parents: the reference convs and offset projections are initialised anyway."""
+    config = SegformerOffsetConfig(
+        num_labels=3, hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 2, 2], depths=[1, 1, 1, 1],
+        decoder_hidden_size=64, decode_head_style="reference", offset_learning_init_std=0.5,
+    )
+    head = SegformerOffsetForSemanticSegmentation(config).decode_head
+    kaiming_std = (2 / 64) ** 0.5  # fan_out of a 1×1 conv with 64 output channels
+    assert abs(head.linear_projections[3].conv.weight.std().item() / kaiming_std - 1) < 0.1
+    offsets = head.offset_learning
+    for weight in (offsets.class_embeddings, offsets.class_offset_proj.weight, offsets.feature_offset_proj.weight):
+        assert 0.4 < weight.std().item() < 0.6
+    mask2former = add_offset_learning(tiny_mask2former(), init_std=0.5, verbose=False)
+    predictor = mask2former.model.transformer_module.decoder.mask_predictor
+    assert 0.4 < predictor.offset_learning.feature_offset_proj.weight.std().item() < 0.6
+
+
 def test_unsupported_models_are_named():
     with pytest.raises(TypeError, match="BertModel"):
         add_offset_learning(BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
