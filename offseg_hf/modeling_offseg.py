@@ -63,16 +63,17 @@ def carafe(features: torch.Tensor, kernels: torch.Tensor, kernel_size: int, scal
             f"carafe: kernels of shape {tuple(kernels.shape)} do not fit features {tuple(features.shape)} "
             f"with kernel_size={kernel_size}, scale={scale}, groups={groups}"
         )
-    # (B, G, C/G, k², H, W): the k×k neighbourhood of every low-resolution pixel.
-    patches = F.unfold(features, kernel_size, padding=kernel_size // 2)
-    patches = patches.view(batch, groups, channels // groups, taps, height, width)
-    if scale == 1:
-        kernels = kernels.view(batch, groups, 1, taps, height, width)
-        return (patches * kernels).sum(dim=3).view(batch, channels, height, width)
-    # Each low-resolution neighbourhood serves the scale×scale output pixels above it.
-    kernels = kernels.view(batch, groups, taps, height, scale, width, scale)
-    output = torch.einsum("bgckhw,bgkhiwj->bgchiwj", patches, kernels)
-    return output.reshape(batch, channels, height * scale, width * scale)
+    # One multiply-add per tap over strided views: no k²-fold unfolded copy of the features, and each
+    # low-resolution neighbour serves the scale×scale output pixels above it by broadcasting.
+    radius = kernel_size // 2
+    padded = F.pad(features, [radius] * 4).view(batch, groups, channels // groups, height + 2 * radius, -1)
+    kernels = kernels.view(batch, groups, 1, taps, height, scale, width, scale)
+    output = features.new_zeros(batch, groups, channels // groups, height, scale, width, scale)
+    for tap in range(taps):
+        row, col = divmod(tap, kernel_size)
+        neighbour = padded[..., row : row + height, col : col + width]
+        output.addcmul_(neighbour[..., :, None, :, None], kernels[:, :, :, tap])
+    return output.view(batch, channels, height * scale, width * scale)
 
 
 def normalize_kernels(kernel_logits: torch.Tensor) -> torch.Tensor:
