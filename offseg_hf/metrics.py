@@ -188,7 +188,7 @@ def preprocess_logits_for_metrics(logits, labels):
             the label maps of a batch (or of the processes) differ in size.
 
     Returns:
-        ``(B, H, W)`` ``int16`` tensor: for sample ``i`` the argmax of its logits bilinearly resized
+        ``(B, H, W)`` ``int32`` (gloo cannot gather int16) tensor: for sample ``i`` the argmax of its logits bilinearly resized
         (``align_corners=False``) to its own label size, ``LABEL_PAD_VALUE`` in the padding. Each sample
         is resized to its *own* label extent, so this is exact when the images of one batch share a
         size (always true with one image per device, the usual evaluation batch).
@@ -199,16 +199,16 @@ def preprocess_logits_for_metrics(logits, labels):
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
     batch, _, height, width = labels.shape[0], None, labels.shape[-2], labels.shape[-1]
-    out = torch.full((batch, height, width), LABEL_PAD_VALUE, dtype=torch.int16, device=logits.device)
+    out = torch.full((batch, height, width), LABEL_PAD_VALUE, dtype=torch.int32, device=logits.device)
     extents = [_valid_extent(labels[i]) for i in range(batch)]
     if len(set(extents)) == 1:
         h, w = extents[0]
         resized = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-        out[:, :h, :w] = resized.argmax(dim=1).to(torch.int16)
+        out[:, :h, :w] = resized.argmax(dim=1).to(torch.int32)
         return out
     for i, (h, w) in enumerate(extents):
         resized = F.interpolate(logits[i : i + 1].float(), size=(h, w), mode="bilinear", align_corners=False)
-        out[i, :h, :w] = resized.argmax(dim=1)[0].to(torch.int16)
+        out[i, :h, :w] = resized.argmax(dim=1)[0].to(torch.int32)
     return out
 
 

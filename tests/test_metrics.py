@@ -83,7 +83,7 @@ def test_trainer_path_with_varying_label_sizes():
         padded = torch.full((batch, height + 3, width + 2), LABEL_PAD_VALUE)
         padded[:, :height, :width] = labels
         predictions = preprocess_logits_for_metrics(logits, padded)
-        assert predictions.shape == padded.shape and predictions.dtype == torch.int16
+        assert predictions.shape == padded.shape and predictions.dtype == torch.int32
         assert (predictions[:, height:, :] == LABEL_PAD_VALUE).all()
         full = torch.nn.functional.interpolate(logits, size=(height, width), mode="bilinear").argmax(1)
         reference.update(full, labels)
