@@ -219,3 +219,18 @@ class OffSegImageProcessor(TorchvisionBackend):
 
 
 __all__ = ["OFFSEG_IMAGE_MEAN", "OFFSEG_IMAGE_STD", "OffSegImageProcessor", "reduce_labels"]
+
+
+def _register() -> None:
+    """Make ``AutoImageProcessor`` resolve OffSeg folders (importing this module is enough)."""
+    from transformers import AutoImageProcessor
+
+    from .configuration_offseg import OffSegConfig
+
+    AutoImageProcessor.register(OffSegConfig, image_processor_classes={"torchvision": OffSegImageProcessor}, exist_ok=True)
+
+
+_register()
+# save_pretrained writes an ``auto_map`` entry and copies this file next to the preprocessor config, so a saved
+# folder also loads with ``AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)`` without offseg_hf.
+OffSegImageProcessor.register_for_auto_class("AutoImageProcessor")
