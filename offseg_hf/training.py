@@ -585,6 +585,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         checkpoint = last_checkpoint(config.output_dir)
         if checkpoint is None:
             logger.warning("--resume: no checkpoint in %s, starting from scratch", config.output_dir)
+        else:
+            logger.info("resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate()
     trainer.save_model(config.output_dir)
