@@ -188,7 +188,8 @@ def test_two_process_accelerate_launch_cpu(tiny_model_dir, tmp_path):
     output = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517", "scripts/train.py", *_train_command(tiny_model_dir, output, 3, "--eval-steps", "3")]
+               "29517", "scripts/train.py", *_train_command(tiny_model_dir, output, 3, "--eval-steps", "3",
+                                                            "--eval-samples", "3")]
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((output / "eval_results.json").read_text())
@@ -197,3 +198,16 @@ def test_two_process_accelerate_launch_cpu(tiny_model_dir, tmp_path):
     assert state["global_step"] == 3
     # 2 processes × 1 image = the global batch of 2
     assert json.loads((output / "train_config.json").read_text())["global_batch_size"] == 2
+    # the distributed evaluation (3 images over 2 processes, batches of 2: padded, gathered, truncated)
+    # equals a single-process evaluation of the saved model
+    from offseg_hf.data.loading import load_segmentation_dataset
+    from offseg_hf.evaluation import evaluate_model, protocol_for
+    from offseg_hf.image_processing_offseg import OffSegImageProcessor
+
+    model = OffSegForSemanticSegmentation.from_pretrained(output).eval()
+    data = load_segmentation_dataset("synthetic", "validation", num_labels=4, num_samples=3, image_size=32, seed=0)
+    single = evaluate_model(model, OffSegImageProcessor.from_pretrained(output), data, 4,
+                            protocol=protocol_for("synthetic", 32), progress=False)
+    assert single["num_images"] == 3
+    assert metrics["eval_mIoU"] == pytest.approx(single["mIoU"], abs=1e-6)
+    assert metrics["eval_aAcc"] == pytest.approx(single["aAcc"], abs=1e-6)
