@@ -82,8 +82,10 @@ def test_offset_learning_matches_reference(fixtures_dir, prefix):
     )
     with torch.no_grad():
         output = module(data["input"])
+        explicit = module.forward_explicit(data["input"])
     assert output.shape == (2, 19, 12, 20)
     assert max_diff(output, data[prefix + "output"]) <= 1e-5
+    assert max_diff(explicit, data[prefix + "output"]) <= 1e-5
 
 
 @pytest.mark.parametrize("kernel_size,scale,groups", [(3, 1, 1), (5, 2, 1), (3, 2, 2)])
