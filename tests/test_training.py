@@ -95,7 +95,7 @@ def test_trainer_learning_rates_at_chosen_steps(tiny_model_dir, tmp_path):
     for step in range(21):
         if step in expected:
             for group in optimizer.param_groups:
-                base = 6e-5 * (10 if group["name"].startswith("head") else 1)
+                base = config.learning_rate * (10 if group["name"].startswith("head") else 1)
                 assert group["lr"] == pytest.approx(base * expected[step], rel=1e-6, abs=1e-15), (step, group["name"])
         optimizer.step()
         scheduler.step()
@@ -105,6 +105,9 @@ def test_resolve_config_precedence(tmp_path):
     config = resolve_config({"dataset": "ade"})
     assert config.dataset == "ade20k" and config.max_steps == 160_000 and config.global_batch_size == 16
     assert config.crop_size == 512 and config.warmup_steps == 1500 and config.eval_batch_size == 1
+    assert config.learning_rate == 6e-5 and config.weight_decay == 0.01 and config.head_lr_mult == 10
+    assert (config.adam_beta1, config.adam_beta2, config.warmup_start_factor, config.poly_power) == (0.9, 0.999, 1e-6, 1.0)
+    assert resolve_config({"dataset": "synthetic"}).learning_rate == 6e-4
     city = resolve_config({"dataset": "cityscapes"})
     assert city.global_batch_size == 8 and city.crop_size == 1024
     assert resolve_config({"dataset": "pascal-context"}).crop_size == 480

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synthetic = parser.add_argument_group("synthetic dataset (must match training)")
     synthetic.add_argument("--num-labels", type=int, default=None, help="default: the model's")
     synthetic.add_argument("--eval-samples", type=int, default=100)
-    synthetic.add_argument("--image-size", type=int, default=128)
+    synthetic.add_argument("--image-size", type=int, default=64)
     synthetic.add_argument("--seed", type=int, default=0)
 
 
