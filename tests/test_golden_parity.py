@@ -162,3 +162,10 @@ def test_mapping_names_missing_unexpected_and_misshaped_keys(official_t, golden_
 def test_detect_preset_rejects_other_architectures():
     with pytest.raises(CheckpointMismatchError, match="not an OffSeg checkpoint"):
         detect_preset({"backbone.layers.0.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("scale,groups", [(1, 1), (2, 2)])
+def test_carafe_gradients(scale, groups):
+    features = torch.randn(1, 4, 3, 4, dtype=torch.float64, requires_grad=True)
+    kernels = torch.randn(1, groups * 9, 3 * scale, 4 * scale, dtype=torch.float64).softmax(1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda f, k: carafe(f, k, 3, scale=scale, groups=groups), (features, kernels))
