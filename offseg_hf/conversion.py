@@ -1,0 +1,741 @@
+"""From the authors' checkpoints to Transformers folders and Hub repos.
+
+Two entry points:
+
+* :func:`convert_checkpoint`: an official OffSeg checkpoint (mmsegmentation ``.pth``: a dict with
+  ``state_dict`` and ``meta``) → a folder with ``config.json`` (the dataset's real ``id2label``),
+  ``model.safetensors``, ``preprocessor_config.json`` (the paper's test-time pipeline of that dataset)
+  and ``README.md`` (model card), optionally verified and pushed to the Hub. The folder is written to a
+  temporary sibling directory and renamed at the end, so a failure leaves nothing behind.
+* :func:`load_imagenet_backbone_weights`: an EfficientFormerV2 ImageNet checkpoint (the authors'
+  ``eformer_s1_450.pth`` etc., a dict with ``model``, or a timm ``efficientformerv2_*`` state dict) →
+  :class:`~offseg_hf.modeling_efficientformer_v2.EfficientFormerV2Backbone`, the starting point of
+  OffSeg training in the paper.
+
+The key renaming itself lives in :mod:`offseg_hf.convert`; this module reads files, decides variant and
+dataset, accounts for every key, writes, verifies and uploads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data.tables import DATASET_NAMES, DatasetInfo, dataset_for_num_labels, get_dataset_info
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ATTENTION_BIAS_POLICIES",
+    "BackboneLoadReport",
+    "ConversionError",
+    "ConversionResult",
+    "build_image_processor",
+    "convert_checkpoint",
+    "imagenet_to_reference_backbone",
+    "load_imagenet_backbone_weights",
+    "push_folder_to_hub",
+    "read_checkpoint",
+    "resolve_dataset",
+    "transfer_attention_biases",
+]
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted; the message names the file, key or shape at fault."""
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`convert_checkpoint` produced."""
+
+    output_dir: Path
+    preset: str
+    dataset: str
+    num_labels: int
+    num_parameters: int
+    verification: dict[str, float] | None = None
+    hub_url: str | None = None
+    dropped_keys: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _describe(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return str(path)
+    return f"{path} ({size:,} bytes)"
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint file into ``(state_dict, meta)``.
+
+    Accepts ``.safetensors`` files and PyTorch files (``torch.load(..., weights_only=True)``: no
+    arbitrary code runs). A PyTorch file may hold an mmsegmentation checkpoint (``{"state_dict": ...,
+    "meta": ...}``), an ImageNet classification checkpoint (``{"model": ...}``) or a bare state dict.
+
+    Returns:
+        ``state_dict``: ``{key: tensor}`` (an mmsegmentation ``state_dict``, or the ``model`` entry);
+        ``meta``: the ``meta`` entry (``{}`` if absent).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConversionError: unreadable (truncated, not a checkpoint) or holding non-tensor objects that
+            ``weights_only`` loading refuses (the message says how to re-save the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path))), {}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ConversionError(f"cannot read {_describe(path)} as safetensors: {error}") from error
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types; all mean "cannot read"
+        message = str(error)
+        if "Weights only load failed" in message or "weights_only" in message:
+            found = re.findall(r"GLOBAL ([\w.]+)", message) or re.findall(r"global ['`]?([\w.]+)", message)
+            culprit = f" (it contains {found[0]})" if found else ""
+            raise ConversionError(
+                f"{path} holds Python objects besides tensors{culprit}, which torch.load(weights_only=True) refuses "
+                "to unpickle. Only if you trust the file, keep just its weights in a trusted environment and convert "
+                "that file:\n"
+                f"  python -c \"import torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
+                f"torch.save({{'state_dict': c['state_dict'], 'meta': {{}}}}, '{path.with_suffix('')}-weights.pth')\""
+            ) from error
+        if isinstance(error, (zipfile.BadZipFile, EOFError, RuntimeError)) or "zip" in message.lower():
+            raise ConversionError(
+                f"cannot read {_describe(path)}: the file is truncated or not a PyTorch checkpoint ({message}); "
+                "download it again and compare its size with the original"
+            ) from error
+        raise ConversionError(f"cannot read {_describe(path)}: {type(error).__name__}: {message}") from error
+    if not isinstance(payload, Mapping):
+        raise ConversionError(f"{path} holds a {type(payload).__name__}, not a checkpoint dict")
+    meta = payload.get("meta") or {}
+    for key in ("state_dict", "model", "model_ema"):
+        if key in payload and isinstance(payload[key], Mapping):
+            state_dict = payload[key]
+            break
+    else:
+        state_dict = payload
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ConversionError(
+            f"{path} contains no tensors (top-level keys: {sorted(map(str, payload))[:10]}); "
+            "expected an mmsegmentation checkpoint with a 'state_dict' entry"
+        )
+    others = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if others:
+        raise ConversionError(f"{path}: state-dict entries that are not tensors: {others[:10]}")
+    return dict(tensors), dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _looks_like(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A short guess of which architecture a state dict belongs to, for error messages."""
+    keys = list(state_dict)
+    if any(k.startswith("backbone.layers.") for k in keys) and any("linear_fuse" in k or "fusion_conv" in k for k in keys):
+        return "SegFormer (MiT backbone)"
+    if any(k.startswith(("network.", "patch_embed.", "stem.", "stages.")) for k in keys) and "head.weight" in keys:
+        return "an EfficientFormerV2 ImageNet classifier"
+    if any(k.startswith("backbone.") for k in keys):
+        return "another mmsegmentation model"
+    return "an unknown model"
+
+
+def _check_offseg_keys(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
+    required = ("backbone.patch_embed.0.weight", "backbone.network.0.0.mlp.fc1.weight", "decode_head.offset_learning.cls_repr")
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        hint = ""
+        if _looks_like(state_dict) == "an EfficientFormerV2 ImageNet classifier":
+            hint = (
+                "; ImageNet backbone checkpoints are loaded with "
+                "offseg_hf.conversion.load_imagenet_backbone_weights, not converted"
+            )
+        example = ", ".join(repr(k) for k in list(state_dict)[:3])
+        raise ConversionError(
+            f"{path} is not an OffSeg checkpoint (EfficientFormerV2 backbone + OffSeg head): it lacks {missing}; "
+            f"it looks like {_looks_like(state_dict)} (first keys: {example}){hint}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset, config, model, processor
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_dataset(num_labels: int, dataset: str | None = None, meta: Mapping | None = None) -> DatasetInfo:
+    """The benchmark a checkpoint with ``num_labels`` classes was trained on.
+
+    ``dataset`` (a name or alias) wins and must agree with ``num_labels``; otherwise the class names in
+    ``meta["dataset_meta"]["classes"]`` (mmengine checkpoints store them) or the class count decide.
+
+    Raises:
+        ConversionError: ``dataset`` disagrees with ``num_labels``, or no benchmark has ``num_labels`` classes.
+    """
+    if dataset is not None:
+        try:
+            info = get_dataset_info(dataset)
+        except ValueError as error:
+            raise ConversionError(str(error)) from None
+        if info.num_labels != num_labels:
+            raise ConversionError(
+                f"the checkpoint has {num_labels} classes (decode_head.offset_learning.cls_repr) but dataset "
+                f"{info.name!r} has {info.num_labels}; pass the dataset the checkpoint was trained on"
+            )
+        return info
+    classes = ((meta or {}).get("dataset_meta") or {}).get("classes")
+    if classes:
+        names = tuple(str(name).strip() for name in classes)
+        for name in DATASET_NAMES:
+            info = get_dataset_info(name)
+            if info.class_names == names:
+                return info
+    info = dataset_for_num_labels(num_labels)
+    if info is None:
+        known = ", ".join(f"{n} ({get_dataset_info(n).num_labels})" for n in DATASET_NAMES)
+        raise ConversionError(
+            f"the checkpoint has {num_labels} classes (decode_head.offset_learning.cls_repr), which matches none of "
+            f"the OffSeg benchmarks: {known}"
+        )
+    return info
+
+
+def build_image_processor(info: DatasetInfo):
+    """The image processor of the paper's test-time resize for ``info``'s dataset.
+
+    Keep-ratio resize into the protocol's ``scale`` of :data:`offseg_hf.inference.PROTOCOLS` (ADE20K,
+    COCO-Stuff: short side 512, long side ≤ 2048; Cityscapes: 2048×1024; Pascal Context: long side 520),
+    i.e. ``size={"shortest_edge": min(scale), "longest_edge": max(scale)}``; the reference normalisation;
+    ``do_reduce_labels`` as the dataset defines it. The sliding window on top of the resize is
+    :func:`offseg_hf.inference.segment_image`'s job (``mode="slide"``).
+    """
+    from .image_processing_offseg import OffSegImageProcessor
+    from .inference import get_protocol
+
+    scale = get_protocol(info.name).scale
+    return OffSegImageProcessor(
+        size={"shortest_edge": min(scale), "longest_edge": max(scale)},
+        do_reduce_labels=info.reduce_labels,
+    )
+
+
+def _account_for_keys(state_dict: Mapping[str, torch.Tensor], model) -> None:
+    """Every checkpoint key is mapped onto a model key of the same shape, or dropped by design; every
+    model key is provided. Raises :class:`ConversionError` naming the checkpoint's own keys."""
+    from .convert import CheckpointMismatchError, official_to_hf_key
+
+    ours = model.state_dict()
+    provided: dict[str, str] = {}
+    problems: list[str] = []
+    for key, value in state_dict.items():
+        if _dropped(key):
+            continue
+        try:
+            target = official_to_hf_key(key)
+        except CheckpointMismatchError:
+            problems.append(f"unexpected key {key!r} (shape {tuple(value.shape)}): no OffSeg parameter has this name")
+            continue
+        if target not in ours:
+            problems.append(f"unexpected key {key!r} (shape {tuple(value.shape)}): maps to {target!r}, which the model lacks")
+            continue
+        provided[target] = key
+        shape = tuple(value.shape)
+        expected = tuple(ours[target].shape)
+        if shape != expected and not (target.endswith("class_embeddings") and shape == (1, *expected)):
+            problems.append(f"wrong shape for {key!r}: checkpoint {shape}, model {expected} ({target!r})")
+    for target, value in ours.items():
+        if target not in provided:
+            problems.append(f"missing key for {target!r} (shape {tuple(value.shape)}): the checkpoint has no tensor for it")
+    if problems:
+        raise ConversionError(f"the checkpoint does not match the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+
+
+def _build_model(state_dict: Mapping[str, torch.Tensor], preset: str, info: DatasetInfo):
+    """Config + model with the mapped weights loaded; strict accounting of every key."""
+    from .configuration_offseg import OffSegConfig
+    from .convert import convert_official_state_dict
+    from .modeling_offseg import OffSegForSemanticSegmentation
+
+    config = OffSegConfig.from_preset(
+        preset, num_labels=info.num_labels, id2label=info.id2label, label2id=info.label2id
+    )
+    model = OffSegForSemanticSegmentation(config)
+    _account_for_keys(state_dict, model)
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    mapped = convert_official_state_dict(state_dict, config, expected_shapes=expected)  # also checks derived buffers
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    if missing or unexpected:
+        raise ConversionError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    return model.eval(), mapped
+
+
+# --------------------------------------------------------------------------------------------------
+# Verification
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _verify_folder(folder: Path, mapped: Mapping[str, torch.Tensor], reference_model, size: int) -> dict[str, float]:
+    """Reload ``folder`` and compare it with the original tensors (through the mapping) and outputs.
+
+    * every tensor in ``model.safetensors`` equals the original tensor it was mapped from;
+    * the reloaded model and ``reference_model`` (built in memory from the original tensors) give the
+      same logits on a fixed input ``torch.manual_seed(0); randn(1, 3, size, size)``.
+    """
+    from .image_processing_offseg import OffSegImageProcessor
+    from .modeling_offseg import OffSegForSemanticSegmentation
+
+    reloaded = OffSegForSemanticSegmentation.from_pretrained(folder).eval()
+    saved = reloaded.state_dict()
+    weight_diff = 0.0
+    for key, value in mapped.items():
+        if key not in saved:
+            raise ConversionError(f"verify: {folder / 'model.safetensors'} lacks {key!r}")
+        if saved[key].shape != value.shape:
+            raise ConversionError(f"verify: {key!r} saved with shape {tuple(saved[key].shape)}, original {tuple(value.shape)}")
+        weight_diff = max(weight_diff, (saved[key].double() - value.double()).abs().max().item() if value.numel() else 0.0)
+    pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    expected = reference_model(pixel_values).logits
+    logits = reloaded(pixel_values).logits
+    if not torch.isfinite(logits).all():
+        raise ConversionError("verify: the converted model produces non-finite logits")
+    logits_diff = (logits - expected).abs().max().item()
+    if weight_diff != 0.0 or logits_diff > 1e-5:
+        raise ConversionError(
+            f"verify failed: max |saved - original| weight difference {weight_diff:.3g}, logits difference {logits_diff:.3g}"
+        )
+    OffSegImageProcessor.from_pretrained(folder)  # the processor config must load as well
+    return {"max_weight_diff": weight_diff, "max_logits_diff": logits_diff, "logits_std": logits.std().item()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole flow
+# --------------------------------------------------------------------------------------------------
+
+
+def _card_dataset_slug(name: str) -> str:
+    return {"coco-stuff": "cocostuff"}.get(name, name)
+
+
+def convert_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    dataset: str | None = None,
+    verify: bool = False,
+    verify_size: int = 512,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    model_id: str | None = None,
+) -> ConversionResult:
+    """Convert an official OffSeg checkpoint into a Transformers folder (and optionally a Hub repo).
+
+    Args:
+        checkpoint: the authors' ``.pth`` (or a ``.safetensors`` with the same keys).
+        output_dir: the folder to create, e.g. ``offseg-t-ade20k``. Must not exist (or be empty) unless
+            ``overwrite``.
+        dataset: benchmark name (``ade20k``, ``coco-stuff``, ``cityscapes``, ``pascal-context`` or an
+            alias); default: decided from the class count / checkpoint meta.
+        verify: reload the written folder and compare weights and logits with the original tensors.
+        verify_size: side of the square random input used by ``verify``.
+        overwrite: replace an existing ``output_dir``.
+        push_to_hub: upload the finished folder to this Hub repo id.
+        private: create the Hub repo private.
+        token: Hub token (default: ``HF_TOKEN`` / the cached login).
+        model_id: the name used in the model card's usage snippets (default: ``push_to_hub`` or the folder name).
+
+    Raises:
+        FileNotFoundError, ConversionError, offseg_hf.convert.CheckpointMismatchError: nothing is written.
+    """
+    from .convert import CheckpointMismatchError, detect_preset, num_labels_of
+    from .model_cards import render_model_card
+
+    checkpoint = Path(checkpoint)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not (output_dir.is_dir() and not any(output_dir.iterdir())) and not overwrite:
+        raise ConversionError(f"output folder {output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
+
+    state_dict, meta = read_checkpoint(checkpoint)
+    _check_offseg_keys(state_dict, str(checkpoint))
+    try:
+        preset = detect_preset(state_dict)
+        num_labels = num_labels_of(state_dict)
+    except CheckpointMismatchError as error:
+        raise ConversionError(f"{checkpoint}: {error}") from None
+    info = resolve_dataset(num_labels, dataset, meta)
+    try:
+        model, mapped = _build_model(state_dict, preset, info)
+    except (CheckpointMismatchError, ConversionError) as error:
+        raise ConversionError(f"{checkpoint} ({preset}, {info.name}): {error}") from None
+    dropped = sorted(k for k in state_dict if _dropped(k))
+    processor = build_image_processor(info)
+    num_parameters = sum(p.numel() for p in model.parameters())
+
+    parent = output_dir.resolve().parent
+    created_parents = [p for p in [parent, *parent.parents] if not p.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=parent))
+    result = ConversionResult(output_dir, preset, info.name, info.num_labels, num_parameters, dropped_keys=dropped)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        card = render_model_card(
+            preset,
+            info.name,
+            model_id=model_id or push_to_hub or output_dir.name,
+            num_parameters=num_parameters,
+            source_checkpoint=checkpoint.name,
+        )
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        if verify:
+            result.verification = _verify_folder(staging, mapped, model, verify_size)
+        _move_into_place(staging, output_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for created in created_parents:  # innermost first
+            try:
+                created.rmdir()
+            except OSError:
+                break
+        raise
+    if push_to_hub:
+        result.hub_url = push_folder_to_hub(
+            output_dir, push_to_hub, private=private, token=token,
+            commit_message=f"Add {preset} ({info.name}) converted from {checkpoint.name}",
+        )
+    return result
+
+
+def _dropped(key: str) -> bool:
+    from .convert import DERIVED_KEY_PATTERNS, DROPPED_KEY_PATTERNS
+
+    return any(re.search(p, key) for p in DROPPED_KEY_PATTERNS + DERIVED_KEY_PATTERNS)
+
+
+def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:
+    """Rename the finished ``staging`` folder to ``output_dir`` (replacing it if ``overwrite``)."""
+    if output_dir.exists():
+        if output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        elif overwrite:
+            old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(output_dir, old)
+            os.replace(staging, output_dir)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            return
+        else:
+            raise ConversionError(f"output folder {output_dir} appeared while converting; not overwriting it")
+    os.replace(staging, output_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub upload
+# --------------------------------------------------------------------------------------------------
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload OffSeg model",
+) -> str:
+    """Create (if needed) the model repo ``repo_id`` and upload every file of ``folder`` in one commit.
+
+    The token comes from ``token``, else the usual places (``HF_TOKEN``, ``huggingface-cli login``); the
+    endpoint from ``HF_ENDPOINT``. Returns the URL of the commit.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message)
+    return str(getattr(commit, "commit_url", commit))
+
+
+# --------------------------------------------------------------------------------------------------
+# EfficientFormerV2 ImageNet weights → backbone
+# --------------------------------------------------------------------------------------------------
+
+ATTENTION_BIAS_POLICIES = ("zero", "transfer")
+
+_CLASSIFIER_KEY = re.compile(r"^(norm|head|dist_head|head_dist)\.")
+
+# timm attention sub-module names -> reference (``Sequential`` indices).
+_TIMM_ATTENTION_RULES: list[tuple[str, str]] = [
+    (r"^q\.local\.(weight|bias)$", r"q.local.0.\1"),
+    (r"^q\.proj\.conv\.", "q.proj.0."),
+    (r"^q\.proj\.bn\.", "q.proj.1."),
+    (r"^(q|k|v|v_local|stride_conv)\.conv\.", r"\1.0."),
+    (r"^(q|k|v|v_local|stride_conv)\.bn\.", r"\1.1."),
+    (r"^proj\.conv\.", "proj.1."),
+    (r"^proj\.bn\.", "proj.2."),
+]
+_TIMM_MLP_RULES: list[tuple[str, str]] = [
+    (r"^mlp\.fc1\.conv\.", "mlp.fc1."),
+    (r"^mlp\.fc1\.bn\.", "mlp.norm1."),
+    (r"^mlp\.mid\.conv\.", "mlp.mid."),
+    (r"^mlp\.mid\.bn\.", "mlp.mid_norm."),
+    (r"^mlp\.fc2\.conv\.", "mlp.fc2."),
+    (r"^mlp\.fc2\.bn\.", "mlp.norm2."),
+]
+
+
+def _apply_rules(rules, text: str) -> str:
+    for pattern, replacement in rules:
+        new, count = re.subn(pattern, replacement, text)
+        if count:
+            return new
+    return text
+
+
+def _timm_to_reference_key(key: str, attention_downsample: set[int]) -> str | None:
+    """timm ``efficientformerv2_*`` key → reference (authors') key; ``None`` if not a backbone key."""
+    match = re.match(r"^stem\.conv([12])\.(conv|bn)\.(.+)$", key)
+    if match:
+        index = {("1", "conv"): 0, ("1", "bn"): 1, ("2", "conv"): 3, ("2", "bn"): 4}[match.group(1), match.group(2)]
+        return f"patch_embed.{index}.{match.group(3)}"
+    match = re.match(r"^stages\.(\d+)\.downsample\.(.+)$", key)
+    if match:
+        stage, rest = int(match.group(1)), match.group(2)
+        with_attention = stage in attention_downsample
+        if rest.startswith("conv.conv."):
+            rest = ("conv." if with_attention else "proj.") + rest[len("conv.conv."):]
+        elif rest.startswith("conv.bn."):
+            rest = ("bn." if with_attention else "norm.") + rest[len("conv.bn."):]
+        elif rest.startswith("attn."):
+            rest = "attn." + _apply_rules(_TIMM_ATTENTION_RULES, rest[len("attn."):])
+        return f"network.{2 * stage - 1}.{rest}"
+    match = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
+    if match:
+        stage, block, rest = int(match.group(1)), match.group(2), match.group(3)
+        if rest in ("ls1.gamma", "ls2.gamma"):
+            rest = f"layer_scale_{rest[2]}"
+        elif rest.startswith("mlp."):
+            rest = _apply_rules(_TIMM_MLP_RULES, rest)
+        elif rest.startswith("token_mixer."):
+            rest = "token_mixer." + _apply_rules(_TIMM_ATTENTION_RULES, rest[len("token_mixer."):])
+        return f"network.{2 * stage}.{block}.{rest}"
+    return None
+
+
+def imagenet_to_reference_backbone(
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str], str]:
+    """Rename an EfficientFormerV2 ImageNet state dict to the reference segmentation-backbone layout.
+
+    Accepts the authors' layout (``patch_embed.*``, ``network.*``; their ``.pth`` files hold it under
+    ``model``) and timm's (``stem.*``, ``stages.*``). timm's per-channel layer scales `(C,)` become
+    `(C, 1, 1)`.
+
+    Returns:
+        ``(weights, imagenet_attention_biases, dropped, layout)``: ``weights`` in reference names (what
+        ``offseg_hf.convert.backbone_key`` accepts), without attention biases; the ImageNet
+        relative-position tables ``{reference attention module prefix: (heads, g*g) tensor}``; the keys
+        deliberately not used (classifier ``head``, distillation head, final ``norm``, index buffers);
+        ``layout`` ``"official"`` or ``"timm"``.
+
+    Raises:
+        ConversionError: neither layout, or keys that belong to no backbone part.
+    """
+    keys = [k.removeprefix("module.") for k in state_dict]
+    values = dict(zip(keys, state_dict.values()))
+    if any(k.startswith(("stem.", "stages.")) for k in keys):
+        layout = "timm"
+        attention_downsample = {
+            int(m.group(1)) for k in keys if (m := re.match(r"^stages\.(\d+)\.downsample\.attn\.", k))
+        }
+    elif any(k.startswith(("patch_embed.", "network.")) for k in keys):
+        layout = "official"
+    else:
+        raise ConversionError(
+            "not an EfficientFormerV2 ImageNet state dict: expected the authors' 'patch_embed.*'/'network.*' keys or "
+            f"timm's 'stem.*'/'stages.*' keys, got {keys[:4]}"
+        )
+    weights: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    unknown: list[str] = []
+    for key, value in values.items():
+        if _CLASSIFIER_KEY.match(key) or key.endswith(("attention_bias_idxs", "attention_bias_idxs_seg")):
+            dropped.append(key)
+            continue
+        reference = key if layout == "official" else _timm_to_reference_key(key, attention_downsample)
+        if reference is None or not reference.startswith(("patch_embed.", "network.")):
+            unknown.append(key)
+            continue
+        if reference.endswith(".attention_biases") or reference.endswith(".attention_biases_seg"):
+            biases[reference.rsplit(".", 1)[0]] = value
+            continue
+        if re.search(r"\.layer_scale_[12]$", reference) and value.ndim == 1:
+            value = value.reshape(-1, 1, 1)
+        weights[reference] = value
+    if unknown:
+        raise ConversionError(f"keys that are not part of an EfficientFormerV2 ({layout} layout): {unknown[:10]}")
+    return weights, biases, sorted(dropped), layout
+
+
+def transfer_attention_biases(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """Carry an ImageNet relative-position table over to a larger token grid.
+
+    A table `(heads, g*g)` holds one bias per absolute offset ``(|Δy|, |Δx|)`` at slot ``|Δy|·g + |Δx|``
+    (reference and timm order). The token spacing in pixels is the same at 224 and 512 inputs (stride 32
+    for the stage-3/4 attention grids, stride 16 for the keys of the downsampling attention), so offset
+    ``d`` means the same distance in both: the learned biases are copied for offsets ``< g`` and the
+    outermost learned value is repeated for the offsets only the larger grid has. (Resizing the table
+    bicubically would instead stretch every distance by ``grid / g``.)
+
+    Args:
+        table: `(heads, g*g)`.
+        grid: the target grid side ``G``.
+
+    Returns:
+        `(heads, G*G)`.
+    """
+    heads, size = table.shape
+    source = round(size**0.5)
+    if source * source != size:
+        raise ConversionError(f"attention bias table of shape {tuple(table.shape)} is not a square grid of offsets")
+    index = torch.clamp(torch.arange(grid), max=source - 1)
+    square = table.reshape(heads, source, source)
+    return square[:, index][:, :, index].reshape(heads, grid * grid).clone()
+
+
+@dataclass
+class BackboneLoadReport:
+    """What :func:`load_imagenet_backbone_weights` did."""
+
+    layout: str
+    attention_biases: str
+    loaded: list[str]
+    dropped: list[str]
+    zeroed: list[str]
+
+
+def _target_backbone(module):
+    """The :class:`EfficientFormerV2Backbone` inside ``module`` (itself, an OffSeg model, …)."""
+    from .modeling_efficientformer_v2 import EfficientFormerV2Backbone
+
+    if isinstance(module, EfficientFormerV2Backbone):
+        return module
+    for name in ("backbone", "offseg"):
+        child = getattr(module, name, None)
+        if child is not None:
+            return _target_backbone(child)
+    raise TypeError(f"{type(module).__name__} holds no EfficientFormerV2Backbone")
+
+
+@torch.no_grad()
+def load_imagenet_backbone_weights(
+    module,
+    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+    *,
+    attention_biases: str = "zero",
+) -> BackboneLoadReport:
+    """Load EfficientFormerV2 ImageNet weights into a backbone, as OffSeg training starts.
+
+    Args:
+        module: an :class:`EfficientFormerV2Backbone`, or a model holding one
+            (:class:`OffSegForSemanticSegmentation`, :class:`OffSegModel`).
+        checkpoint: the authors' file (``eformer_s0_450.pth`` … ``eformer_l_450.pth``, a dict with
+            ``model``), a timm ``efficientformerv2_*`` state dict or file, or a state dict in either layout.
+        attention_biases: what the segmentation backbone's relative-position tables (laid out for 512
+            inputs: 16×16 grids, 32×32 keys in the downsampling attention) start from:
+
+            * ``"zero"`` (default, the reference): zeros. The authors' segmentation backbone registers
+              separate ``attention_biases_seg`` tables initialised to zero, and mmengine's checkpoint
+              loading skips the ImageNet ``attention_biases`` (different name), so every published OffSeg
+              model started training from zero biases. This reproduces the paper's recipe.
+            * ``"transfer"``: :func:`transfer_attention_biases` (copy per offset, repeat the edge). A table
+              that already has the target size (e.g. a timm model built with ``img_size=512``) is copied as is.
+
+    Every checkpoint key is loaded or on the explicit drop list (classifier ``head``, distillation head,
+    final ``norm``, index buffers; under ``"zero"`` also the ImageNet ``attention_biases``); a missing,
+    unexpected or wrongly shaped key raises :class:`ConversionError` naming it.
+    """
+    from .convert import CheckpointMismatchError, backbone_key
+
+    if attention_biases not in ATTENTION_BIAS_POLICIES:
+        raise ValueError(f"attention_biases must be one of {ATTENTION_BIAS_POLICIES}, got {attention_biases!r}")
+    backbone = _target_backbone(module)
+    source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "state dict"
+    state_dict = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)[0]
+    weights, tables, dropped, layout = imagenet_to_reference_backbone(state_dict)
+
+    ours = backbone.state_dict()
+    target: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for reference, value in weights.items():
+        try:
+            key = backbone_key(reference)
+        except CheckpointMismatchError:
+            problems.append(f"unexpected key {reference!r} (shape {tuple(value.shape)})")
+            continue
+        if key not in ours:
+            problems.append(f"unexpected key {reference!r} (→ {key!r}, shape {tuple(value.shape)})")
+        elif ours[key].shape != value.shape:
+            problems.append(f"wrong shape for {reference!r}: checkpoint {tuple(value.shape)}, backbone {tuple(ours[key].shape)}")
+        else:
+            target[key] = value
+    bias_keys = sorted(k for k in ours if k.endswith("relative_position.attention_biases"))
+    zeroed: list[str] = []
+    used_tables: set[str] = set()
+    for key in bias_keys:
+        if attention_biases == "zero":
+            target[key] = torch.zeros_like(ours[key])
+            zeroed.append(key)
+            continue
+        prefix = next((p for p in tables if backbone_key(p + ".attention_biases_seg") == key), None)
+        if prefix is None:
+            problems.append(f"missing attention bias table for {key!r} (shape {tuple(ours[key].shape)})")
+            continue
+        used_tables.add(prefix)
+        table = tables[prefix]
+        grid = round(ours[key].shape[1] ** 0.5)
+        value = table if table.shape == ours[key].shape else transfer_attention_biases(table, grid)
+        if value.shape != ours[key].shape:
+            problems.append(f"wrong shape for {prefix}.attention_biases: {tuple(table.shape)}, backbone {tuple(ours[key].shape)}")
+        target[key] = value
+    if attention_biases == "zero":
+        dropped = sorted(dropped + [p + ".attention_biases" for p in tables])
+    else:
+        problems.extend(f"unexpected key {p}.attention_biases" for p in sorted(set(tables) - used_tables))
+    problems.extend(f"missing key {key!r} (shape {tuple(ours[key].shape)})" for key in ours if key not in target)
+    if problems:
+        widths = [v.shape[0] for k, v in weights.items() if re.match(r"^(patch_embed\.3|network\.[135]\.(proj|conv))\.weight$", k)]
+        counts = ", ".join(
+            f"{sum(p.startswith(kind) for p in problems)} {label}"
+            for kind, label in (("wrong shape", "wrong shape(s)"), ("missing", "missing"), ("unexpected", "unexpected"))
+        )
+        raise ConversionError(
+            f"{source} ({layout} layout, stage widths {widths}) does not fit this EfficientFormerV2 backbone "
+            f"(hidden_sizes {list(backbone.config.hidden_sizes)}, depths {list(backbone.config.depths)}): {counts}\n  "
+            + "\n  ".join(problems[:20])
+            + (f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else "")
+        )
+    backbone.load_state_dict(target, strict=True)
+    return BackboneLoadReport(layout, attention_biases, sorted(target), dropped, zeroed)
