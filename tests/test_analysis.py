@@ -127,3 +127,23 @@ def test_pre_classifier_features_of_segformer_and_its_offset_variant():
     assert result.class_names == [config.id2label[k] for k in range(5)]
     with pytest.raises(TypeError, match="OffSegForSemanticSegmentation"):
         pre_classifier_features(torch.nn.Linear(2, 2), pixel_values)
+
+
+def test_prototypes_command_smoke(tmp_path, capsys):
+    """scripts/mine_ideal_prototypes.py end to end on a random SegFormer + offset learning and tiny scenes."""
+    import argparse
+
+    from offseg_hf.commands import prototypes
+
+    parser = argparse.ArgumentParser()
+    prototypes.add_arguments(parser)
+    args = parser.parse_args([
+        "--model", "segformer-b0-offset", "--num-labels", "4", "--num-samples", "6", "--image-size", "64",
+        "--max-images", "6", "--images-per-class", "4", "--num-shown", "2", "--output-dir", str(tmp_path),
+    ])
+    assert prototypes.run(args) == 0
+    out = capsys.readouterr().out
+    assert "reconstruction mIoU" in out and "mean pairwise cosine" in out
+    summary = json.loads((tmp_path / "ideal_prototypes.json").read_text())
+    assert summary["num_images"] == 6 and len(summary["classes"]) == 2
+    assert (tmp_path / "ideal_prototypes_heatmap.png").stat().st_size > 10_000

@@ -292,3 +292,22 @@ def test_mask2former_surgery_keeps_pixel_level_module_and_round_trips(tmp_path):
     assert isinstance(reloaded.config, Mask2FormerOffsetConfig)
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values).masks_queries_logits, logits)
+
+
+def test_benchmark_smoke(tmp_path):
+    """scripts/benchmark_plug.py logic on a tiny SegFormer: both variants share init, data and budget."""
+    from offseg_hf.plug_benchmark import BenchmarkSettings, run_benchmark
+
+    settings = BenchmarkSettings(
+        output_dir=str(tmp_path), steps=2, batch_size=2, image_size=32, num_labels=4, train_samples=8,
+        eval_samples=2, warmup_steps=1, latency_size=64, latency_repeats=1,
+        segformer=dict(hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 2, 2], depths=[1, 1, 1, 1],
+                       decoder_hidden_size=16),
+    )
+    results = run_benchmark(settings)
+    plain, offset = results["variants"]["segformer"], results["variants"]["segformer+offset"]
+    assert plain["steps"] == offset["steps"] == 2
+    assert offset["parameters"] - plain["parameters"] == 2 * 16 * 16 + 4
+    assert "| segformer+offset |" in (tmp_path / "results.md").read_text()
+    reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "segformer-offset")
+    assert type(reloaded) is SegformerOffsetForSemanticSegmentation
