@@ -542,6 +542,7 @@ def build_trainer(config: TrainConfig):
         ddp_find_unused_parameters=False,
         push_to_hub=bool(config.push_to_hub),
         hub_model_id=config.push_to_hub,
+        hub_strategy="end",  # one push of the final model, processor and card, not every checkpoint
         hub_private_repo=config.hub_private,
         **config.extra,
     )

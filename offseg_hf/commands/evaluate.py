@@ -25,11 +25,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-samples", type=int, help="evaluate the first N images only")
     parser.add_argument("--output-dir", help="where the JSON / Markdown go (default: the model folder, else .)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    synthetic = parser.add_argument_group("synthetic dataset (must match training)")
+    synthetic = parser.add_argument_group(
+        "synthetic dataset (defaults: the model folder's train_config.json, else 100 scenes of 64 px, seed 0)")
     synthetic.add_argument("--num-labels", type=int, default=None, help="default: the model's")
-    synthetic.add_argument("--eval-samples", type=int, default=100)
-    synthetic.add_argument("--image-size", type=int, default=64)
-    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--eval-samples", type=int, default=None)
+    synthetic.add_argument("--image-size", type=int, default=None)
+    synthetic.add_argument("--seed", type=int, default=None)
+
+
+def _synthetic_training_settings(model: str) -> dict:
+    """``eval_samples`` / ``image_size`` / ``seed`` from ``<model>/train_config.json``, if it exists."""
+    import json
+    from pathlib import Path
+
+    path = Path(model) / "train_config.json"
+    if not path.is_file():
+        return {}
+    config = json.loads(path.read_text())
+    if config.get("dataset") != "synthetic":
+        return {}
+    return {key: config[key] for key in ("eval_samples", "image_size", "seed") if config.get(key) is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if dataset == "synthetic":
         if args.num_labels not in (None, num_labels):
             raise SystemExit(f"--num-labels {args.num_labels} but the model has {num_labels} classes")
+        trained = _synthetic_training_settings(args.model)
+        for key, fallback in (("eval_samples", 100), ("image_size", 64), ("seed", 0)):
+            if getattr(args, key) is None:
+                setattr(args, key, trained.get(key, fallback))
         data = load_segmentation_dataset("synthetic", args.split, num_labels=num_labels,
                                          num_samples=args.eval_samples, image_size=args.image_size, seed=args.seed)
     else:
