@@ -205,13 +205,22 @@ def resolve_dataset(num_labels: int, dataset: str | None = None, meta: Mapping |
             )
         return info
     classes = ((meta or {}).get("dataset_meta") or {}).get("classes")
-    if classes:
-        names = tuple(str(name).strip() for name in classes)
+    names = tuple(str(name).strip() for name in classes) if classes else None
+    if names:
         for name in DATASET_NAMES:
             info = get_dataset_info(name)
             if info.class_names == names:
                 return info
     info = dataset_for_num_labels(num_labels)
+    if info is not None and names:
+        differences = [(i, a, b) for i, (a, b) in enumerate(zip(names, info.class_names)) if a != b]
+        logger.warning(
+            "the checkpoint's meta lists %d class names that differ from %s's (first differences, as index: "
+            "checkpoint vs table: %s); using %s's names because the class count matches. Pass dataset= (--dataset) "
+            "to confirm, or convert with your own id2label.",
+            len(names), info.name, ", ".join(f"{i}: {a!r} vs {b!r}" for i, a, b in differences[:3]) or "count differs",
+            info.name,
+        )
     if info is None:
         known = ", ".join(f"{n} ({get_dataset_info(n).num_labels})" for n in DATASET_NAMES)
         raise ConversionError(

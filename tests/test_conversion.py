@@ -153,19 +153,43 @@ def test_t_processor_and_card(converted_t):
     assert "6,183,626 (6.18 M, counted from the model)" in card.text
 
 
-def test_pipeline_on_generated_image(converted_t):
-    from transformers import pipeline
+FRESH_PROCESS_PIPELINE = """
+import sys
+import numpy as np
+from PIL import Image
+import offseg_hf  # the only import a user needs: registers config, model and image processor
+from transformers import AutoImageProcessor, pipeline
 
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
-    segmenter = pipeline("image-segmentation", model=str(converted_t.output_dir))
-    segments = segmenter(image)
-    assert segments, "the pipeline returned no segments"
-    labels = set(get_dataset_info("ade20k").class_names)
-    for segment in segments:
-        assert segment["label"] in labels
-        assert segment["mask"].size == (64, 48)
-    coverage = sum(np.array(s["mask"]) > 0 for s in segments)
-    assert (coverage == 1).all(), "every pixel belongs to exactly one class"
+folder = sys.argv[1]
+processor = AutoImageProcessor.from_pretrained(folder)
+assert type(processor).__name__ == "OffSegImageProcessor", type(processor)
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+segments = pipeline("image-segmentation", model=folder, trust_remote_code=False)(image)
+labels = [s["label"] for s in segments]
+from offseg_hf.data.tables import get_dataset_info
+processor_labels = set(get_dataset_info("ade20k").class_names)
+sizes = {s["mask"].size for s in segments}
+coverage = sum(np.array(s["mask"]) > 0 for s in segments)
+print(len(segments), sizes == {(64, 48)}, int(coverage.min()), int(coverage.max()), all(l in processor_labels for l in labels), sep="|")
+"""
+
+
+def test_pipeline_on_generated_image_in_a_fresh_process(converted_t):
+    """``import offseg_hf`` + ``pipeline("image-segmentation", model=folder)`` in a new interpreter (nothing of
+    the converter imported), on a generated 64×48 image."""
+    completed = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_PIPELINE, str(converted_t.output_dir)],
+        capture_output=True, text=True, timeout=600, cwd=converted_t.output_dir.parent, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert completed.returncode == 0, (
+        "AutoImageProcessor/pipeline failed after `import offseg_hf` (offseg_hf/__init__.py must import "
+        "image_processing_offseg so that the processor is registered):\n" + completed.stderr[-3000:]
+    )
+    count, sizes_ok, low, high, labels_ok = completed.stdout.strip().splitlines()[-1].split("|")
+    assert int(count) >= 1 and sizes_ok == "True", "one (64, 48) mask per segment"
+    assert (low, high) == ("1", "1"), "every pixel belongs to exactly one segment"
+    assert labels_ok == "True", "segment labels are ADE20K class names"
 
 
 def test_overwrite_rules(converted_t, official_t_pth):
@@ -180,7 +204,7 @@ def test_overwrite_rules(converted_t, official_t_pth):
 
 
 def test_b_cityscapes_through_cli_and_hub(official_t, fixtures_dir, tmp_path, monkeypatch, capsys):
-    """OffSeg-B with 19 classes (random weights), converted by ``offseg convert --verify --push-to-hub``."""
+    """OffSeg-B with 19 classes (random weights), converted by ``offseg convert --push-to-hub --private``."""
     from huggingface_hub import constants
 
     from offseg_hf.cli import main
@@ -194,13 +218,10 @@ def test_b_cityscapes_through_cli_and_hub(official_t, fixtures_dir, tmp_path, mo
         monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setenv("HF_TOKEN", "hf_stand_in_token")
-        status = main(
-            ["convert", str(checkpoint), str(out), "--verify", "--verify-size", "64",
-             "--push-to-hub", "someone/offseg-b-cityscapes", "--private"]
-        )
+        status = main(["convert", str(checkpoint), str(out), "--push-to-hub", "someone/offseg-b-cityscapes", "--private"])
     printed = capsys.readouterr()
     assert status == 0, printed.err
-    assert "offseg-b, cityscapes (19 classes)" in printed.out and "verified" in printed.out and "uploaded" in printed.out
+    assert "offseg-b, cityscapes (19 classes)" in printed.out and "uploaded" in printed.out
 
     model = OffSegForSemanticSegmentation.from_pretrained(out)
     assert model.config.id2label[0] == "road" and model.config.id2label[18] == "bicycle"
@@ -301,6 +322,27 @@ def test_wrong_class_count(official_t, tmp_path):
         resolve_dataset(150, "cityscapes")
     with pytest.raises(ConversionError, match="unknown dataset 'voc'"):
         resolve_dataset(150, "voc")
+
+
+def test_dataset_resolution_and_processor_per_dataset(caplog):
+    from offseg_hf.conversion import build_image_processor
+
+    assert resolve_dataset(59).name == "pascal-context"
+    assert resolve_dataset(19, "Cityscapes").name == "cityscapes"
+    # class names in the checkpoint meta (mmengine checkpoints store them) decide before the count
+    names = list(get_dataset_info("coco-stuff").class_names)
+    assert resolve_dataset(171, meta={"dataset_meta": {"classes": names}}).name == "coco-stuff"
+    # same count, different names: the table is used, with a warning naming the differences
+    with caplog.at_level("WARNING", logger="offseg_hf.conversion"):
+        info = resolve_dataset(19, meta={"dataset_meta": {"classes": ["lane"] + ["x"] * 18}})
+    assert info.name == "cityscapes" and "0: 'lane' vs 'road'" in caplog.text
+    expected = {  # (shortest_edge, longest_edge, reduce_labels) of the paper's test resize
+        "ade20k": (512, 2048, True), "coco-stuff": (512, 2048, False),
+        "cityscapes": (1024, 2048, False), "pascal-context": (520, 520, True),
+    }
+    for name, (short, long, reduce) in expected.items():
+        processor = build_image_processor(get_dataset_info(name))
+        assert (processor.size.shortest_edge, processor.size.longest_edge, processor.do_reduce_labels) == (short, long, reduce)
 
 
 def test_renamed_and_reshaped_keys(official_t, tmp_path):

@@ -81,7 +81,7 @@ def test_parameter_counts_and_usage(cards):
     # class-dependent head: K × 256 class embeddings + 2K LayerNorm parameters
     assert f"| Parameters | {6_183_626 + (19 - 150) * 258:,} (" in cards["offseg-t", "cityscapes"]
     text = cards["offseg-l", "coco-stuff"]
-    assert 'from_pretrained("offseg-l-cocostuff")' in text and 'pipeline("image-segmentation", model="offseg-l-cocostuff")' in text
+    assert 'from_pretrained("offseg-l-cocostuff")' in text and 'pipeline("image-segmentation", model="offseg-l-cocostuff", trust_remote_code=False)' in text
     assert 'protocol="coco-stuff"' in text and "171 classes" in text
 
 
