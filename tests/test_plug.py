@@ -305,9 +305,12 @@ def test_benchmark_smoke(tmp_path):
                        decoder_hidden_size=16),
     )
     results = run_benchmark(settings)
-    plain, offset = results["variants"]["segformer"], results["variants"]["segformer+offset"]
-    assert plain["steps"] == offset["steps"] == 2
-    assert offset["parameters"] - plain["parameters"] == 2 * 16 * 16 + 4
-    assert "| segformer+offset |" in (tmp_path / "results.md").read_text()
-    reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "segformer-offset")
+    plain, offset = results["variants"]["segformer"], results["variants"]["segformer-offset"]
+    pool1 = results["variants"]["segformer-offset-pool1"]
+    assert plain["steps"] == offset["steps"] == pool1["steps"] == 2
+    assert offset["parameters"] - plain["parameters"] == pool1["parameters"] - plain["parameters"] == 2 * 16 * 16 + 4
+    assert plain["loss"][0] != offset["loss"][0]  # same batch, different heads
+    assert "| segformer-offset |" in (tmp_path / "results.md").read_text()
+    reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path / "segformer-offset-pool1")
     assert type(reloaded) is SegformerOffsetForSemanticSegmentation
+    assert reloaded.config.offset_learning_pool_size == 1
