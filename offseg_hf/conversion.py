@@ -10,7 +10,8 @@ Two entry points:
 * :func:`load_imagenet_backbone_weights`: an EfficientFormerV2 ImageNet checkpoint (the authors'
   ``eformer_s1_450.pth`` etc., a dict with ``model``, or a timm ``efficientformerv2_*`` state dict) →
   :class:`~offseg_hf.modeling_efficientformer_v2.EfficientFormerV2Backbone`, the starting point of
-  OffSeg training in the paper.
+  OffSeg training in the paper; :func:`convert_backbone_checkpoint` writes such a backbone as a
+  Transformers folder. :func:`convert_any_checkpoint` (``offseg convert``) picks the right one.
 
 The key renaming itself lives in :mod:`offseg_hf.convert`; this module reads files, decides variant and
 dataset, accounts for every key, writes, verifies and uploads.
@@ -18,7 +19,6 @@ dataset, accounts for every key, writes, verifies and uploads.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -38,18 +38,24 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ATTENTION_BIAS_POLICIES",
+    "BackboneConversionResult",
     "BackboneLoadReport",
     "ConversionError",
     "ConversionResult",
     "build_image_processor",
+    "convert_any_checkpoint",
+    "convert_backbone_checkpoint",
     "convert_checkpoint",
+    "detect_backbone_variant",
     "imagenet_to_reference_backbone",
+    "is_imagenet_backbone_checkpoint",
     "load_imagenet_backbone_weights",
     "push_folder_to_hub",
     "read_checkpoint",
     "resolve_dataset",
     "transfer_attention_biases",
 ]
+
 
 class ConversionError(ValueError):
     """A checkpoint cannot be converted; the message names the file, key or shape at fault."""
@@ -169,8 +175,8 @@ def _check_offseg_keys(state_dict: Mapping[str, torch.Tensor], path: str) -> Non
         hint = ""
         if _looks_like(state_dict) == "an EfficientFormerV2 ImageNet classifier":
             hint = (
-                "; ImageNet backbone checkpoints are loaded with "
-                "offseg_hf.conversion.load_imagenet_backbone_weights, not converted"
+                "; convert ImageNet backbone checkpoints with convert_backbone_checkpoint (`offseg convert` picks it "
+                "automatically) or load them with load_imagenet_backbone_weights"
             )
         example = ", ".join(repr(k) for k in list(state_dict)[:3])
         raise ConversionError(
@@ -310,7 +316,7 @@ def _verify_folder(folder: Path, mapped: Mapping[str, torch.Tensor], reference_m
 
     * every tensor in ``model.safetensors`` equals the original tensor it was mapped from;
     * the reloaded model and ``reference_model`` (built in memory from the original tensors) give the
-      same logits on a fixed input ``torch.manual_seed(0); randn(1, 3, size, size)``.
+      same logits on a fixed input ``randn(1, 3, size, size)`` (generator seed 0).
     """
     from .image_processing_offseg import OffSegImageProcessor
     from .modeling_offseg import OffSegForSemanticSegmentation
@@ -347,6 +353,33 @@ def _card_dataset_slug(name: str) -> str:
     return {"coco-stuff": "cocostuff"}.get(name, name)
 
 
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not (output_dir.is_dir() and not any(output_dir.iterdir())) and not overwrite:
+        raise ConversionError(f"output folder {output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
+
+
+def _write_atomically(output_dir: Path, overwrite: bool, write) -> None:
+    """Run ``write(staging)`` in a fresh sibling folder of ``output_dir``, then rename it into place.
+
+    On any failure the staging folder, and parent folders created for ``output_dir``, are removed.
+    """
+    parent = output_dir.resolve().parent
+    created_parents = [p for p in [parent, *parent.parents] if not p.exists()]
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=parent))
+    try:
+        write(staging)
+        _move_into_place(staging, output_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for created in created_parents:  # innermost first
+            try:
+                created.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def convert_checkpoint(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -359,6 +392,7 @@ def convert_checkpoint(
     private: bool = False,
     token: str | None = None,
     model_id: str | None = None,
+    _loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
 ) -> ConversionResult:
     """Convert an official OffSeg checkpoint into a Transformers folder (and optionally a Hub repo).
 
@@ -377,17 +411,15 @@ def convert_checkpoint(
         model_id: the name used in the model card's usage snippets (default: ``push_to_hub`` or the folder name).
 
     Raises:
-        FileNotFoundError, ConversionError, offseg_hf.convert.CheckpointMismatchError: nothing is written.
+        FileNotFoundError, ConversionError: nothing is written.
     """
     from .convert import CheckpointMismatchError, detect_preset, num_labels_of
     from .model_cards import render_model_card
 
     checkpoint = Path(checkpoint)
     output_dir = Path(output_dir)
-    if output_dir.exists() and not (output_dir.is_dir() and not any(output_dir.iterdir())) and not overwrite:
-        raise ConversionError(f"output folder {output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
-
-    state_dict, meta = read_checkpoint(checkpoint)
+    _check_output_dir(output_dir, overwrite)
+    state_dict, meta = _loaded if _loaded is not None else read_checkpoint(checkpoint)
     _check_offseg_keys(state_dict, str(checkpoint))
     try:
         preset = detect_preset(state_dict)
@@ -402,13 +434,9 @@ def convert_checkpoint(
     dropped = sorted(k for k in state_dict if _dropped(k))
     processor = build_image_processor(info)
     num_parameters = sum(p.numel() for p in model.parameters())
-
-    parent = output_dir.resolve().parent
-    created_parents = [p for p in [parent, *parent.parents] if not p.exists()]
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=parent))
     result = ConversionResult(output_dir, preset, info.name, info.num_labels, num_parameters, dropped_keys=dropped)
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
         card = render_model_card(
@@ -421,21 +449,44 @@ def convert_checkpoint(
         (staging / "README.md").write_text(card, encoding="utf-8")
         if verify:
             result.verification = _verify_folder(staging, mapped, model, verify_size)
-        _move_into_place(staging, output_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for created in created_parents:  # innermost first
-            try:
-                created.rmdir()
-            except OSError:
-                break
-        raise
+
+    _write_atomically(output_dir, overwrite, write)
     if push_to_hub:
         result.hub_url = push_folder_to_hub(
             output_dir, push_to_hub, private=private, token=token,
             commit_message=f"Add {preset} ({info.name}) converted from {checkpoint.name}",
         )
     return result
+
+
+def is_imagenet_backbone_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict is an EfficientFormerV2 ImageNet classifier (authors' or timm layout)."""
+    keys = [k.removeprefix("module.") for k in state_dict]
+    return any(k.startswith(("patch_embed.", "network.")) for k in keys) or (
+        any(k.startswith("stem.conv1.") for k in keys) and any(k.startswith("stages.") for k in keys)
+    )
+
+
+def convert_any_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **kwargs):
+    """:func:`convert_checkpoint` for OffSeg checkpoints, :func:`convert_backbone_checkpoint` for
+    EfficientFormerV2 ImageNet checkpoints (decided from the keys; the file is read once).
+
+    Options that only one of the two takes (``dataset``/``verify``/``verify_size``/``model_id`` for
+    OffSeg, ``attention_biases`` for backbones) raise :class:`ConversionError` for the other kind.
+    """
+    loaded = read_checkpoint(checkpoint)
+    if is_imagenet_backbone_checkpoint(loaded[0]):
+        misplaced = [k for k in ("dataset", "verify", "model_id") if kwargs.get(k)]
+        if misplaced:
+            raise ConversionError(f"{checkpoint} is an EfficientFormerV2 ImageNet checkpoint; {misplaced} apply to OffSeg checkpoints only")
+        for key in ("dataset", "verify", "verify_size", "model_id"):
+            kwargs.pop(key, None)
+        kwargs["attention_biases"] = kwargs.get("attention_biases") or "zero"
+        return convert_backbone_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
+    if kwargs.get("attention_biases") not in (None, "zero"):
+        raise ConversionError(f"{checkpoint} is not an EfficientFormerV2 ImageNet checkpoint; attention_biases applies to those only")
+    kwargs.pop("attention_biases", None)
+    return convert_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
 
 
 def _dropped(key: str) -> bool:
@@ -748,3 +799,94 @@ def load_imagenet_backbone_weights(
         )
     backbone.load_state_dict(target, strict=True)
     return BackboneLoadReport(layout, attention_biases, sorted(target), dropped, zeroed)
+
+
+@dataclass
+class BackboneConversionResult:
+    """What :func:`convert_backbone_checkpoint` produced."""
+
+    output_dir: Path
+    variant: str
+    layout: str
+    attention_biases: str
+    num_parameters: int
+    dropped_keys: list[str]
+    hub_url: str | None = None
+
+
+def detect_backbone_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The EfficientFormerV2 variant (``"s0"``, ``"s1"``, ``"s2"``, ``"l"``) of an ImageNet state dict,
+    from its stage widths and block counts."""
+    from .configuration_offseg import EFFICIENTFORMER_V2_VARIANTS
+
+    weights, _, _, _ = imagenet_to_reference_backbone(state_dict)
+    try:
+        widths = [weights["patch_embed.3.weight"].shape[0]] + [
+            weights[f"network.{i}.{'conv' if f'network.{i}.conv.weight' in weights else 'proj'}.weight"].shape[0]
+            for i in (1, 3, 5)
+        ]
+    except KeyError as error:
+        raise ConversionError(f"not a complete EfficientFormerV2 state dict: {error.args[0]!r} is missing") from None
+    depths = [
+        len({m.group(1) for k in weights if (m := re.match(rf"^network\.{2 * s}\.(\d+)\.mlp\.fc1\.weight$", k))})
+        for s in range(4)
+    ]
+    for variant, spec in EFFICIENTFORMER_V2_VARIANTS.items():
+        if list(spec["hidden_sizes"]) == widths and list(spec["depths"]) == depths:
+            return variant
+    raise ConversionError(f"unknown EfficientFormerV2 variant: stage widths {widths}, blocks per stage {depths}")
+
+
+def convert_backbone_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    attention_biases: str = "zero",
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    _loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
+) -> BackboneConversionResult:
+    """Convert an EfficientFormerV2 ImageNet checkpoint into an :class:`EfficientFormerV2Backbone` folder.
+
+    The folder (``config.json``, ``model.safetensors``, ``README.md``) loads with
+    ``EfficientFormerV2Backbone.from_pretrained`` (and, from the Hub, ``AutoBackbone.from_pretrained``;
+    transformers 5.24's ``AutoBackbone`` rejects local paths); its state dict drops into
+    ``OffSegForSemanticSegmentation.offseg.backbone``. See :func:`load_imagenet_backbone_weights` for
+    ``attention_biases`` and what is dropped. Written atomically like :func:`convert_checkpoint`.
+    """
+    from .configuration_offseg import EfficientFormerV2Config
+    from .model_cards import render_backbone_card
+    from .modeling_efficientformer_v2 import EfficientFormerV2Backbone
+
+    checkpoint = Path(checkpoint)
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    state_dict, _ = _loaded if _loaded is not None else read_checkpoint(checkpoint)
+    variant = detect_backbone_variant(state_dict)
+    backbone = EfficientFormerV2Backbone(EfficientFormerV2Config.from_variant(variant)).eval()
+    try:
+        report = load_imagenet_backbone_weights(backbone, state_dict, attention_biases=attention_biases)
+    except ConversionError as error:
+        raise ConversionError(f"{checkpoint}: {error}") from None
+    num_parameters = sum(p.numel() for p in backbone.parameters())
+    result = BackboneConversionResult(
+        output_dir, variant, report.layout, attention_biases, num_parameters, report.dropped
+    )
+
+    def write(staging: Path) -> None:
+        backbone.save_pretrained(staging, safe_serialization=True)
+        card = render_backbone_card(
+            variant, model_id=push_to_hub or output_dir.name, num_parameters=num_parameters,
+            source_checkpoint=checkpoint.name, attention_biases=attention_biases,
+        )
+        (staging / "README.md").write_text(card, encoding="utf-8")
+
+    _write_atomically(output_dir, overwrite, write)
+    if push_to_hub:
+        result.hub_url = push_folder_to_hub(
+            output_dir, push_to_hub, private=private, token=token,
+            commit_message=f"Add EfficientFormerV2-{variant.upper()} backbone converted from {checkpoint.name}",
+        )
+    return result

@@ -19,6 +19,7 @@ __all__ = [
     "PAPER_RESULTS",
     "card_name",
     "default_template_path",
+    "render_backbone_card",
     "render_model_card",
     "write_model_cards",
 ]
@@ -261,12 +262,58 @@ def render_model_card(
         "dataset_limitations": spec["limitations"],
         "provenance": provenance,
     }
+    return _fill(path, values)
+
+
+def _fill(path: Path, values: dict[str, str]) -> str:
     text = path.read_text(encoding="utf-8")
-    used = set(re.findall(r"\{\{(\w+)\}\}", text))
-    missing = sorted(used - set(values))
+    missing = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values))
     if missing:
         raise ValueError(f"template {path} uses placeholders with no value: {missing}")
     return re.sub(r"\{\{(\w+)\}\}", lambda match: values[match.group(1)], text)
+
+
+_BACKBONE_PRESETS = {"s1": "offseg-t", "s2": "offseg-b", "l": "offseg-l"}  # S0 backs no OffSeg model
+
+
+def render_backbone_card(
+    variant: str,
+    *,
+    model_id: str,
+    num_parameters: int,
+    source_checkpoint: str | None = None,
+    attention_biases: str = "zero",
+    template: str | os.PathLike | None = None,
+) -> str:
+    """Card of a converted EfficientFormerV2 ImageNet backbone (``model_cards/BACKBONE_TEMPLATE.md``)."""
+    path = Path(template) if template is not None else default_template_path().with_name("BACKBONE_TEMPLATE.md")
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone card template {path} not found; pass template=")
+    bias_text = {
+        "zero": "zero (the OffSeg reference: its segmentation tables start at zero, the 224-resolution ImageNet "
+        "tables are not used)",
+        "transfer": "ImageNet tables carried over per relative offset (outer offsets repeat the outermost learned value)",
+    }[attention_biases]
+    preset = _BACKBONE_PRESETS.get(variant)
+    training_snippet = ""
+    if preset:
+        training_snippet = (
+            f"\n# start {_VARIANTS[preset][0]} training from it\n"
+            "from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation\n"
+            f'model = OffSegForSemanticSegmentation(OffSegConfig.from_preset("{preset}", num_labels=150))\n'
+            "model.offseg.backbone.load_state_dict(backbone.state_dict())\n"
+        )
+    return _fill(
+        path,
+        {
+            "variant_upper": variant.upper(),
+            "parameters": f"{num_parameters:,} ({num_parameters / 1e6:.2f} M)",
+            "bias_text": bias_text,
+            "source": f"`{source_checkpoint}`, converted with `offseg convert`" if source_checkpoint else "converted with `offseg convert`",
+            "model_id": model_id,
+            "training_snippet": training_snippet,
+        },
+    )
 
 
 def write_model_cards(directory: str | os.PathLike | None = None) -> list[Path]:

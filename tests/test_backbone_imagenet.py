@@ -184,18 +184,7 @@ def test_timm_names_become_the_authors_names(fixtures_dir):
 def test_authors_imagenet_file(fixtures_dir, tmp_path):
     """An ``eformer_s1_450.pth``-style file (authors' layout under ``model``) loads into the S1 backbone."""
     official = load_file(fixtures_dir / "offseg-t_official.safetensors")
-    imagenet = {
-        k[len("backbone."):]: v
-        for k, v in official.items()
-        if k.startswith("backbone.") and not k.endswith(("attention_biases_seg", "attention_bias_idxs_seg"))
-    }
-    generator = torch.Generator().manual_seed(5)
-    imagenet.update({
-        "norm.weight": torch.ones(224), "norm.bias": torch.zeros(224), "norm.running_mean": torch.zeros(224),
-        "norm.running_var": torch.ones(224), "norm.num_batches_tracked": torch.tensor(0),
-        "head.weight": torch.randn(1000, 224, generator=generator), "head.bias": torch.zeros(1000),
-        "dist_head.weight": torch.randn(1000, 224, generator=generator), "dist_head.bias": torch.zeros(1000),
-    })
+    imagenet = authors_imagenet_s1(official)
     path = tmp_path / "eformer_s1_450.pth"
     torch.save({"model": imagenet}, path)
 
@@ -209,6 +198,54 @@ def test_authors_imagenet_file(fixtures_dir, tmp_path):
             continue
         assert torch.equal(ours[backbone_key(key)], value), key
     assert all(torch.count_nonzero(ours[k]) == 0 for k in report.zeroed) and len(report.zeroed) == 5
+
+
+def authors_imagenet_s1(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An ``eformer_s1_450.pth``-style state dict: the reference S1 backbone tensors (OffSeg-T) in the authors'
+    classification layout, plus a final norm, classifier and distillation head."""
+    imagenet = {
+        k[len("backbone."):]: v
+        for k, v in official.items()
+        if k.startswith("backbone.") and not k.endswith(("attention_biases_seg", "attention_bias_idxs_seg"))
+    }
+    generator = torch.Generator().manual_seed(5)
+    imagenet.update({
+        "norm.weight": torch.ones(224), "norm.bias": torch.zeros(224), "norm.running_mean": torch.zeros(224),
+        "norm.running_var": torch.ones(224), "norm.num_batches_tracked": torch.tensor(0),
+        "head.weight": torch.randn(1000, 224, generator=generator), "head.bias": torch.zeros(1000),
+        "dist_head.weight": torch.randn(1000, 224, generator=generator), "dist_head.bias": torch.zeros(1000),
+    })
+    return imagenet
+
+
+def test_offseg_convert_writes_a_backbone_folder(fixtures_dir, tmp_path, capsys):
+    """``offseg convert eformer_s1_450.pth DIR`` recognises an ImageNet checkpoint and writes a backbone folder."""
+    from offseg_hf.cli import main
+    from offseg_hf.conversion import detect_backbone_variant
+
+    imagenet = authors_imagenet_s1(load_file(fixtures_dir / "offseg-t_official.safetensors"))
+    assert detect_backbone_variant(imagenet) == "s1"
+    path = tmp_path / "eformer_s1_450.pth"
+    torch.save({"model": imagenet}, path)
+    out = tmp_path / "efficientformerv2-s1"
+    assert main(["convert", str(path), str(out), "--dataset", "ade20k"]) == 1  # OffSeg-only option
+    assert "apply to OffSeg checkpoints only" in capsys.readouterr().err and not out.exists()
+    assert main(["convert", str(path), str(out), "--attention-biases", "transfer"]) == 0
+    assert "EfficientFormerV2-S1 backbone (official layout)" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "README.md"}
+    assert "EfficientFormerV2-S1" in (out / "README.md").read_text()
+
+    # (AutoBackbone.from_pretrained rejects local folders in transformers 5.24: it asks the Hub whether the path
+    # is a repo id first)
+    loaded = EfficientFormerV2Backbone.from_pretrained(out).eval()
+    assert loaded.config.hidden_sizes == [32, 48, 120, 224] and loaded.config.out_features == ["stage1", "stage2", "stage3", "stage4"]
+    direct = new_backbone("s1")
+    load_imagenet_backbone_weights(direct, imagenet, attention_biases="transfer")
+    pixel_values = torch.randn(1, 3, 64, 64)
+    for a, b in zip(features(loaded, pixel_values), features(direct, pixel_values)):
+        assert torch.equal(a, b)
+    table = loaded.stages[2].blocks[7].attention.relative_position.attention_biases.detach().reshape(8, 16, 16)
+    torch.testing.assert_close(table[:, :7, :7], imagenet["network.4.7.token_mixer.attention_biases"].reshape(8, 7, 7))
 
 
 def test_into_an_offseg_model(timm_s0):

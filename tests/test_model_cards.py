@@ -100,3 +100,16 @@ def test_render_options_and_errors(tmp_path):
         render_model_card("offseg-t", "ade20k", template=template, num_parameters=1)
     with pytest.raises(FileNotFoundError, match="OFFSEG_MODEL_CARD_TEMPLATE"):
         render_model_card("offseg-t", "ade20k", template=tmp_path / "missing.md", num_parameters=1)
+
+
+def test_backbone_card():
+    from offseg_hf.model_cards import render_backbone_card
+
+    text = render_backbone_card("s2", model_id="me/eformer-s2", num_parameters=12_151_408, source_checkpoint="eformer_s2_450.pth")
+    card = ModelCard(text)
+    assert card.data.library_name == "transformers" and card.data.datasets == ["imagenet-1k"]
+    assert "EfficientFormerV2-S2" in text and "12,151,408 (12.15 M)" in text and "`eformer_s2_450.pth`" in text
+    assert 'EfficientFormerV2Backbone.from_pretrained("me/eformer-s2")' in text
+    assert 'OffSegConfig.from_preset("offseg-b", num_labels=150)' in text and "zero (the OffSeg reference" in text
+    s0 = render_backbone_card("s0", model_id="x", num_parameters=1, attention_biases="transfer")
+    assert "OffSegConfig" not in s0 and "carried over per relative offset" in s0 and "{{" not in s0

@@ -1,7 +1,9 @@
-"""``offseg convert``: an official OffSeg checkpoint → a Transformers folder (and optionally a Hub repo).
+"""``offseg convert``: an official checkpoint → a Transformers folder (and optionally a Hub repo).
 
-The work happens in :func:`offseg_hf.conversion.convert_checkpoint`; this module parses arguments and
-prints the outcome.
+OffSeg checkpoints (``state_dict`` with ``backbone.*``/``decode_head.*``) become
+``OffSegForSemanticSegmentation`` folders; EfficientFormerV2 ImageNet checkpoints (``eformer_*.pth``, timm
+``efficientformerv2_*``) become ``EfficientFormerV2Backbone`` folders. The work happens in
+:func:`offseg_hf.conversion.convert_any_checkpoint`; this module parses arguments and prints the outcome.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``offseg convert`` (also used by ``scripts/convert_offseg_to_hf.py``)."""
-    parser.add_argument("checkpoint", help="the authors' OffSeg checkpoint (.pth with 'state_dict' and 'meta')")
+    parser.add_argument(
+        "checkpoint",
+        help="the authors' OffSeg checkpoint (.pth with 'state_dict' and 'meta') or an EfficientFormerV2 ImageNet "
+        "checkpoint (eformer_*.pth with 'model', or a timm state dict)",
+    )
     parser.add_argument("output_dir", help="folder to create, e.g. offseg-t-ade20k")
     parser.add_argument(
         "--dataset",
@@ -25,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reload the written folder and compare its weights and logits with the original tensors",
     )
     parser.add_argument("--verify-size", type=int, default=512, help="side of the random verification input (default 512)")
+    parser.add_argument(
+        "--attention-biases",
+        choices=("zero", "transfer"),
+        default=None,
+        help="ImageNet backbones only: start the 512-layout attention biases at zero (the reference, default) or "
+        "carry the 224-resolution ImageNet tables over per offset",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this Hub model repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private (with --push-to-hub)")
@@ -40,12 +53,13 @@ def run(args: argparse.Namespace) -> int:
         print("offseg convert: --private needs --push-to-hub", file=sys.stderr)
         return 2
     try:
-        result = conversion.convert_checkpoint(
+        result = conversion.convert_any_checkpoint(
             args.checkpoint,
             args.output_dir,
             dataset=args.dataset,
             verify=args.verify,
             verify_size=args.verify_size,
+            attention_biases=args.attention_biases,
             overwrite=args.overwrite,
             push_to_hub=args.push_to_hub,
             private=args.private,
@@ -59,11 +73,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"offseg convert: the folder was written to {args.output_dir} but the upload failed: {error}", file=sys.stderr)
             return 1
         raise
-    print(
-        f"wrote {result.output_dir}: {result.preset}, {result.dataset} ({result.num_labels} classes), "
-        f"{result.num_parameters:,} parameters; {len(result.dropped_keys)} checkpoint tensors dropped by design"
-    )
-    if result.verification:
+    if isinstance(result, conversion.BackboneConversionResult):
+        print(
+            f"wrote {result.output_dir}: EfficientFormerV2-{result.variant.upper()} backbone ({result.layout} layout), "
+            f"{result.num_parameters:,} parameters, attention biases {result.attention_biases}; "
+            f"{len(result.dropped_keys)} checkpoint tensors dropped by design"
+        )
+    else:
+        print(
+            f"wrote {result.output_dir}: {result.preset}, {result.dataset} ({result.num_labels} classes), "
+            f"{result.num_parameters:,} parameters; {len(result.dropped_keys)} checkpoint tensors dropped by design"
+        )
+    if getattr(result, "verification", None):
         print(
             "verified: max weight difference {max_weight_diff:.3g}, max logits difference {max_logits_diff:.3g}".format(
                 **result.verification
