@@ -39,10 +39,16 @@ def official_t(fixtures_dir) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def official_t_pth(official_t, tmp_path_factory) -> Path:
-    """The OffSeg-T reference weights as the authors ship checkpoints: ``{"state_dict", "meta"}``."""
+    """The OffSeg-T reference weights as mmengine saves checkpoints: ``state_dict`` and ``meta`` (class names
+    of the dataset, a numpy seed), plus bookkeeping objects that weights_only loading cannot build."""
     path = tmp_path_factory.mktemp("ckpt") / "offseg-t_ade20k.pth"
-    meta = {"mmseg_version": "1.2.2", "iter": 160000, "dataset_meta": {"classes": list(get_dataset_info("ade20k").class_names)}}
-    torch.save({"state_dict": official_t, "meta": meta}, path)
+    meta = {
+        "mmseg_version": "1.2.2", "iter": 160000, "seed": np.int64(1234),
+        "dataset_meta": {"classes": tuple(n + " " if n == "bed" else n for n in get_dataset_info("ade20k").class_names)},
+    }
+    message_hub = {"log_scalars": {"loss": argparse.Namespace(history=np.zeros(4), count=np.int64(4))}}
+    optimizer = {"state": {}, "param_groups": [{"lr": 6e-5, "weight_decay": 0.01}]}
+    torch.save({"state_dict": official_t, "meta": meta, "message_hub": message_hub, "optimizer": optimizer}, path)
     return path
 
 
@@ -279,13 +285,27 @@ def test_missing_file(tmp_path):
     assert_nothing_written(tmp_path, "out")
 
 
-def test_non_tensor_pickle_says_what_to_do(official_t, tmp_path):
+def test_bookkeeping_objects_next_to_the_weights_are_ignored(tmp_path, caplog):
+    """mmengine checkpoints pickle Python objects (message_hub, numpy scalars in meta) next to the weights:
+    they are read as inert stand-ins under weights_only=True and dropped; the weights load."""
     checkpoint = tmp_path / "with_objects.pth"
-    torch.save({"state_dict": {"a": torch.zeros(1)}, "meta": {"args": argparse.Namespace(lr=1)}}, checkpoint)
+    weights = {"a": torch.arange(3.0)}
+    meta = {"seed": np.int64(7), "dataset_meta": {"classes": ("road", "sky")}, "args": argparse.Namespace(lr=1)}
+    torch.save({"state_dict": weights, "meta": meta, "message_hub": {"log": argparse.Namespace(x=np.ones(3))}}, checkpoint)
+    with caplog.at_level("INFO", logger="offseg_hf.conversion"):
+        state_dict, read_meta = read_checkpoint(checkpoint)
+    assert torch.equal(state_dict["a"], weights["a"])
+    assert read_meta == {"dataset_meta": {"classes": ("road", "sky")}}
+    assert "argparse.Namespace" in caplog.text
+
+
+def test_objects_inside_the_weights_say_what_to_do(tmp_path):
+    checkpoint = tmp_path / "numpy_weights.pth"
+    torch.save({"state_dict": {"a": torch.zeros(1), "b": np.zeros(3)}, "meta": {}}, checkpoint)
     with pytest.raises(ConversionError) as error:
         read_checkpoint(checkpoint)
     message = str(error.value)
-    assert "weights_only=True" in message and "argparse.Namespace" in message and "trust" in message
+    assert "'b'" in message and "weights_only=True" in message and "trust" in message
     assert "torch.save({'state_dict'" in message
 
 
