@@ -1,11 +1,12 @@
 """offseg-hf: OffSeg (ICCV 2025) as a Hugging Face Transformers model.
 
 Importing the package registers OffSeg with AutoConfig, AutoModel, AutoModelForSemanticSegmentation and
-AutoBackbone (the registrations live in the modeling modules themselves, so that a saved folder also
+AutoBackbone and AutoImageProcessor (the registrations live in the modeling modules themselves, so that a saved folder also
 loads as remote code without this package).
 """
 
 from .configuration_offseg import EFFICIENTFORMER_V2_VARIANTS, OFFSEG_PRESETS, EfficientFormerV2Config, OffSegConfig
+from .image_processing_offseg import OffSegImageProcessor
 from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, EfficientFormerV2PreTrainedModel
 from .modeling_offseg import (
     OffSegDecoder,
@@ -29,6 +30,7 @@ __all__ = [
     "OffSegConfig",
     "OffSegDecoder",
     "OffSegForSemanticSegmentation",
+    "OffSegImageProcessor",
     "OffSegFreqFusion",
     "OffSegModel",
     "OffSegOffsetLearning",
