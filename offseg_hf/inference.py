@@ -381,36 +381,54 @@ def _candidate_argmax(
     """
     num_labels, _, source_width = source.shape
     row0, row1, weight_y = row_taps
-    col0, col1, weight_x = col_taps
+    col0, _, weight_x = col_taps
     cell_rows, inverse = torch.unique(row0, return_inverse=True)
-    next_rows = row1[torch.searchsorted(row0, cell_rows)] if row0.numel() else cell_rows
-    next_cols = torch.clamp(torch.arange(1, source_width + 1), max=source_width - 1).to(source.device)
-    top, bottom = source[:, cell_rows - source_start], source[:, next_rows - source_start]
-    corners = (top, top[..., next_cols], bottom, bottom[..., next_cols])  # each (K, cells_y, w)
-    upper = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
-    lower = torch.minimum(torch.minimum(corners[0], corners[1]), torch.minimum(corners[2], corners[3]))
-    candidate = upper >= lower.amax(dim=0, keepdim=True)
-    count = int(candidate.sum(dim=0).max())
+    next_rows = row1[torch.searchsorted(row0, cell_rows)]
+    top = source.index_select(1, cell_rows - source_start)
+    bottom = source.index_select(1, next_rows - source_start)
+    # largest / smallest corner value of every class in every cell (K, cells_y, w); the last column's right
+    # neighbour is itself (edge clamp)
+    vertical_max, vertical_min = torch.maximum(top, bottom), torch.minimum(top, bottom)
+    upper, lower = vertical_max.clone(), vertical_min.clone()
+    torch.maximum(vertical_max[..., :-1], vertical_max[..., 1:], out=upper[..., :-1])
+    torch.minimum(vertical_min[..., :-1], vertical_min[..., 1:], out=lower[..., :-1])
+    del vertical_max, vertical_min
+    threshold = lower.amax(dim=0, keepdim=True)
+    del lower
+    cell_counts = (upper >= threshold).sum(dim=0)  # candidates per cell (cells_y, w)
+    count = int(cell_counts.max())
     if 2 * count >= num_labels:
         return None
-    classes = torch.arange(num_labels, device=source.device).view(-1, 1, 1)
-    key = torch.where(candidate, classes, classes + num_labels)  # candidates first, ascending
-    slots = torch.topk(key, count, dim=0, largest=False, sorted=True).indices  # (C, cells_y, w)
-    gathered = [corner.gather(0, slots) for corner in corners]
+    # the candidates of a cell are its `count_cell <= count` classes of largest corner maximum; the extra slots
+    # hold classes that cannot win. Ascending class order keeps torch.argmax's tie-breaking.
+    ranked = torch.topk(upper, count, dim=0, sorted=True).indices  # (C, cells_y, w)
+    del upper
+    only_candidate = ranked[0]  # the label of every pixel of a cell with a single candidate
+    slots = ranked.sort(dim=0).values
+    ys = torch.arange(slots.shape[1], device=source.device)[None, :, None]
+    xs = torch.arange(source_width, device=source.device)[None, None, :]
+    next_xs = torch.clamp(xs + 1, max=source_width - 1)
+    # candidate values at the four corners of each cell: (C, cells_y, w) each
+    corners = [top[slots, ys, xs], top[slots, ys, next_xs], bottom[slots, ys, xs], bottom[slots, ys, next_xs]]
+    del top, bottom
+    contested = cell_counts > 1
 
     rows, width = row0.numel(), col0.numel()
-    chunk = max(1, band_bytes // (4 * width * count * 8))
+    chunk = max(1, band_bytes // (4 * width * count * 6))
     labels = torch.empty((rows, width), dtype=torch.int64, device=source.device)
-    wx1 = weight_x.to(source)[None, None, :]
     for first in range(0, rows, chunk):
         last = min(rows, first + chunk)
-        cell_y = inverse[first:last, None]
-        cell_x = col0[None, :]
-        wy1 = weight_y[first:last].to(source)[None, :, None]
-        c00, c01, c10, c11 = (values[:, cell_y, cell_x] for values in gathered)
-        scores = (1 - wy1) * ((1 - wx1) * c00 + wx1 * c01) + wy1 * ((1 - wx1) * c10 + wx1 * c11)
+        cell_y, cell_x = inverse[first:last, None], col0[None, :]
+        labels[first:last] = only_candidate[cell_y, cell_x]
+        pixel_y, pixel_x = contested[cell_y, cell_x].nonzero(as_tuple=True)
+        if pixel_y.numel() == 0:
+            continue
+        cy, cx = inverse[first + pixel_y], col0[pixel_x]
+        c00, c01, c10, c11 = (values[:, cy, cx] for values in corners)  # (C, N)
+        wx1 = weight_x[pixel_x].to(source)
+        scores = torch.lerp(torch.lerp(c00, c01, wx1), torch.lerp(c10, c11, wx1), weight_y[first + pixel_y].to(source))
         best = scores.argmax(dim=0, keepdim=True)
-        labels[first:last] = slots[:, cell_y, cell_x].gather(0, best)[0]
+        labels[first + pixel_y, pixel_x] = slots[:, cy, cx].gather(0, best)[0]
     return labels
 
 
@@ -433,7 +451,9 @@ def _argmax_resized(source: _Field, height: int, width: int, band_bytes: int) ->
         stop = min(height, start + rows)
         row_taps = tuple(t.to(col_taps[0].device) for t in _linear_taps(source.height, height, start, stop))
         first, last = int(row_taps[0].min()), int(row_taps[1].max()) + 1
-        labels = _candidate_argmax(source.rows(first, last), row_taps, col_taps, first, band_bytes)
+        labels = None
+        if height * width >= 4 * source.height * source.width:  # pruning pays off for large upsampling factors
+            labels = _candidate_argmax(source.rows(first, last), row_taps, col_taps, first, band_bytes)
         if labels is None:  # too many candidates: interpolate every class
             dense_rows = max(1, band_bytes // (4 * num_labels * width))
             labels = torch.cat(
@@ -471,27 +491,38 @@ class SegmentationResult:
 
 
 def _as_chw_uint8(image) -> torch.Tensor:
-    """An image (PIL, ``(H, W[, C])`` / ``(C, H, W)`` array or tensor) as a ``(3, H, W)`` tensor, values 0–255."""
+    """An image as a ``(3, H, W)`` tensor with values 0–255.
+
+    PIL images (any mode, see :func:`offseg_hf.image_io.to_rgb`); NumPy arrays ``(H, W)`` or ``(H, W, C)`` (the
+    PIL layout); tensors ``(C, H, W)`` (the torch layout, ``(H, W, C)`` accepted when unambiguous). One channel is
+    repeated, a fourth (alpha) channel dropped.
+    """
     from PIL import Image as PILImage
 
     if isinstance(image, PILImage.Image):
         from .image_io import to_rgb
 
         return torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1).contiguous()
-    tensor = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+    if isinstance(image, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        if tensor.ndim == 3:
+            tensor = tensor.permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        tensor = image
+        if tensor.ndim == 3 and tensor.shape[0] not in (1, 3, 4) and tensor.shape[-1] in (1, 3, 4):
+            tensor = tensor.permute(2, 0, 1)
+    else:
+        raise TypeError(f"expected a PIL image, NumPy array or torch tensor, got {type(image).__name__}")
     if tensor.ndim == 2:
         tensor = tensor[None]
-    if tensor.ndim != 3:
-        raise ValueError(f"expected an image of shape (H, W), (H, W, C) or (C, H, W), got shape {tuple(tensor.shape)}")
-    if tensor.shape[0] not in (1, 3, 4) and tensor.shape[-1] in (1, 3, 4):
-        tensor = tensor.permute(2, 0, 1)
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
+        layout = "(H, W[, C])" if isinstance(image, np.ndarray) else "(C, H, W)"
+        raise ValueError(
+            f"expected an image of shape {layout} with 1, 3 or 4 channels, got shape {tuple(image.shape)}"
+        )
     if tensor.shape[0] == 1:
         tensor = tensor.expand(3, -1, -1)
-    elif tensor.shape[0] == 4:
-        tensor = tensor[:3]  # alpha dropped, as for files
-    elif tensor.shape[0] != 3:
-        raise ValueError(f"expected 1, 3 or 4 channels, got an image of shape {tuple(tensor.shape)}")
-    return tensor.contiguous()
+    return tensor[:3].contiguous()  # alpha dropped, as for files
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -597,6 +628,8 @@ def segment_image(
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    if merge_resolution not in ("auto", "original"):
+        raise ValueError(f"merge_resolution must be 'auto' or 'original', got {merge_resolution!r}")
     protocol = get_protocol(protocol)
     ratios = tuple(ratios) if ratios is not None else (protocol.tta_ratios if tta else (1.0,))
     flips = (False, True) if (flip if flip is not None else tta) else (False,)
