@@ -390,6 +390,10 @@ def mine_ideal_prototypes(
         images_per_class: W* rows kept per class for the heat maps.
         max_images: stop after this many images.
     """
+    if model.training:
+        raise ValueError(
+            f"{type(model).__name__} is in training mode: call model.eval() first (dropout would alter E)"
+        )
     num_labels = model.config.num_labels
     id2label = getattr(model.config, "id2label", None) or {}
     names = [str(id2label.get(k, id2label.get(str(k), f"class {k}"))) for k in range(num_labels)]

@@ -92,6 +92,22 @@ class OffSegMaskOffsetLearning(nn.Module):
         aligned_pixels = (pixels + feature_offset).transpose(1, 2).reshape(batch, channels, height, width)
         return class_embeddings + class_offset, aligned_pixels
 
+    def masks(self, class_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor) -> torch.Tensor:
+        """Mask logits ``E'·W'ᵀ`` as `(B, Q, H, W)`, without building E' `(B, HW, C)`.
+
+        Re-associated like :meth:`OffSegOffsetLearning.forward`:
+        ``E'·W'ᵀ = E·W'ᵀ + softmax_Q(A)·(W·P_fᵀ·W'ᵀ)`` (``P_f``: weight of ``feature_offset_proj``), which
+        costs HW·Q² instead of HW·C² multiply-adds per image — per decoder layer, at 1/4 resolution.
+        Equal to ``einsum("bqc,bchw->bqhw", *self(class_embeddings, pixel_embeddings))`` up to rounding.
+        """
+        batch, channels, height, width = pixel_embeddings.shape
+        pixels = pixel_embeddings.flatten(2).transpose(1, 2)  # E: (B, HW, C)
+        attention = pixels @ class_embeddings.transpose(1, 2)  # Aᵀ: (B, HW, Q)
+        aligned = class_embeddings + self.class_offset_proj(attention.softmax(dim=1).transpose(1, 2) @ pixels)
+        mixed = self.feature_offset_proj(class_embeddings) @ aligned.transpose(1, 2)  # W·P_fᵀ·W'ᵀ: (B, Q, Q)
+        masks = pixels @ aligned.transpose(1, 2) + attention.softmax(dim=2) @ mixed  # (B, HW, Q)
+        return masks.transpose(1, 2).reshape(batch, -1, height, width)
+
 
 class Mask2FormerOffsetMaskPredictor(Mask2FormerMaskPredictor):
     """Mask2Former's mask predictor with offset learning between the mask MLP and the mask product.
@@ -108,8 +124,7 @@ class Mask2FormerOffsetMaskPredictor(Mask2FormerMaskPredictor):
         self, outputs: torch.Tensor, pixel_embeddings: torch.Tensor, attention_mask_target_size: int | None = None
     ):
         mask_embeddings = self.mask_embedder(outputs.transpose(0, 1))
-        mask_embeddings, pixel_embeddings = self.offset_learning(mask_embeddings, pixel_embeddings)
-        masks = torch.einsum("bqc, bchw -> bqhw", mask_embeddings, pixel_embeddings)
+        masks = self.offset_learning.masks(mask_embeddings, pixel_embeddings)
         attention_mask = nn.functional.interpolate(
             masks, size=attention_mask_target_size, mode="bilinear", align_corners=False
         )

@@ -84,6 +84,8 @@ class SegformerOffsetConfig(SegformerConfig):
             )
         if self.offset_learning_pool_size < 1:
             raise ValueError(f"offset_learning_pool_size must be >= 1, got {self.offset_learning_pool_size}")
+        if not self.reshape_last_stage:
+            raise ValueError("SegFormer + offset learning needs reshape_last_stage=True (a feature map from every stage)")
 
     @classmethod
     def from_segformer_config(cls, config: SegformerConfig, **kwargs) -> "SegformerOffsetConfig":

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BenchmarkSettings", "main", "measure_latency", "run_benchmark"]
+__all__ = ["BenchmarkSettings", "count_flops", "format_results", "main", "measure_latency", "run_benchmark"]
 
 SEGFORMER_B0 = dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256)
 
@@ -168,6 +168,19 @@ def measure_latency(models: dict[str, torch.nn.Module], size: int, repeats: int,
     return {name: {"median_s": statistics.median(r), "min_s": min(r), "runs_s": r} for name, r in runs.items()}
 
 
+@torch.no_grad()
+def count_flops(model: torch.nn.Module, size: int) -> int:
+    """FLOPs of one eval forward on `(1, 3, size, size)` by ``torch.utils.flop_counter`` (2 per multiply-add of
+    matmuls and convolutions; element-wise ops, softmax and norms not counted). Independent of machine load."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(pixel_values=torch.zeros(1, 3, size, size))
+    return counter.get_total_flops()
+
+
 def build_models(settings: BenchmarkSettings) -> dict[str, torch.nn.Module]:
     """The requested variants; all share the plain SegFormer's seeded random weights except the classifier."""
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
@@ -215,16 +228,27 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     _, _, validation_loader = _loaders(settings)
     for name, model in models.items():
         evaluated = _evaluate(model, validation_loader, settings.num_labels)
-        results["variants"][name] = {"parameters": count_parameters(model), **evaluated, **records[name]}
+        results["variants"][name] = {
+            "parameters": count_parameters(model),
+            "gflops": count_flops(model, settings.latency_size) / 1e9,
+            **evaluated,
+            **records[name],
+        }
         if settings.save_models:
             model.save_pretrained(output_dir / name)
         print(f"{name}: mIoU {evaluated['mIoU']:.4f} after {records[name]['steps']} steps")
-    latency = measure_latency(models, settings.latency_size, settings.latency_repeats)
-    for name in models:
-        results["variants"][name]["latency"] = latency[name]
+    _write(results, output_dir)  # kept if the latency phase is cut short
+    if settings.latency_repeats > 0:
+        latency = measure_latency(models, settings.latency_size, settings.latency_repeats)
+        for name in models:
+            results["variants"][name]["latency"] = latency[name]
+        _write(results, output_dir)
+    return results
+
+
+def _write(results: dict, output_dir: Path) -> None:
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     (output_dir / "results.md").write_text(format_results(results))
-    return results
 
 
 def format_results(results: dict) -> str:
@@ -238,20 +262,21 @@ def format_results(results: dict) -> str:
         f"{results['train_wall_s']:.0f} s.",
         "",
         f"| variant | params | val mIoU | val aAcc | loss (mean of last 10 steps) | train compute | "
-        f"latency 1×3×{size}² min / median |",
-        "|---|---|---|---|---|---|---|",
+        f"GFLOPs 1×3×{size}² | latency 1×3×{size}² min / median |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     base = results["variants"].get("segformer")
     for name, row in results["variants"].items():
         tail = row["loss"][-10:]
-        latency = row["latency"]
-        relative = ""
-        if base is not None and name != "segformer":
-            relative = f" ({latency['min_s'] / base['latency']['min_s'] - 1:+.1%} min)"
+        latency = row.get("latency")
+        timing = "not measured"
+        if latency is not None:
+            timing = f"{1000 * latency['min_s']:.0f} / {1000 * latency['median_s']:.0f} ms"
+            if base is not None and name != "segformer" and "latency" in base:
+                timing += f" ({latency['min_s'] / base['latency']['min_s'] - 1:+.1%} min)"
         lines.append(
             f"| {name} | {row['parameters']:,} | {100 * row['mIoU']:.2f} | {100 * row['aAcc']:.2f} | "
-            f"{sum(tail) / max(1, len(tail)):.3f} | {row['train_compute_s']:.0f} s | "
-            f"{1000 * latency['min_s']:.0f} / {1000 * latency['median_s']:.0f} ms{relative} |"
+            f"{sum(tail) / max(1, len(tail)):.3f} | {row['train_compute_s']:.0f} s | {row['gflops']:.2f} | {timing} |"
         )
     if "overhead" in results:
         lines += ["", results["overhead"]]

@@ -125,6 +125,8 @@ def test_pre_classifier_features_of_segformer_and_its_offset_variant():
     result = mine_ideal_prototypes(plugged, batches, images_per_class=3, max_images=3)
     assert result.num_images == 3 and 0.0 <= result.reconstruction["mIoU"] <= 1.0
     assert result.class_names == [config.id2label[k] for k in range(5)]
+    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+        mine_ideal_prototypes(plugged.train(), batches)
     with pytest.raises(TypeError, match="OffSegForSemanticSegmentation"):
         pre_classifier_features(torch.nn.Linear(2, 2), pixel_values)
 

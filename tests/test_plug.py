@@ -260,6 +260,16 @@ def test_mask_offset_learning_matches_the_classifier_form():
     torch.testing.assert_close(classifier.mask_norm(scores).permute(0, 3, 1, 2), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_reassociated_masks_equal_the_explicit_product():
+    torch.manual_seed(4)
+    offsets = OffSegMaskOffsetLearning(16)
+    torch.nn.init.normal_(offsets.class_offset_proj.weight, std=0.3)
+    torch.nn.init.normal_(offsets.feature_offset_proj.weight, std=0.3)
+    queries, pixels = torch.randn(2, 6, 16), torch.randn(2, 16, 5, 7)
+    explicit = torch.einsum("bqc,bchw->bqhw", *offsets(queries, pixels))
+    torch.testing.assert_close(offsets.masks(queries, pixels), explicit, atol=1e-4, rtol=1e-4)
+
+
 def test_mask2former_forward_backward():
     plugged = add_offset_learning(tiny_mask2former(), verbose=False).train()
     assert isinstance(plugged, Mask2FormerOffsetForUniversalSegmentation)
