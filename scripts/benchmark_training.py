@@ -73,7 +73,10 @@ def main(argv=None) -> int:
         train(config)
         wall = time.monotonic() - start
         history = json.loads((out / variant / "log_history.json").read_text())
-        curve = [(h["step"], h["eval_mIoU"]) for h in history if "eval_mIoU" in h]
+        curve = []
+        for h in history:  # the final evaluate() repeats the last step's evaluation: keep one
+            if "eval_mIoU" in h and (not curve or curve[-1][0] != h["step"]):
+                curve.append((h["step"], h["eval_mIoU"]))
         train_end = [h for h in history if "train_runtime" in h][-1]
         steps = train_end["step"]
         results[variant] = {
