@@ -266,7 +266,7 @@ def test_directories_duplicates_and_generated_palette(tmp_path, custom_model, ca
     (second / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     out = tmp_path / "out"
     status = main(["predict", str(first), str(second), str(first / "scene.png"), "--model", str(custom_model),
-                   "--out", str(out), "--mode", "slide", "--tta", *FAST])
+                   "--out", str(out), "--mode", "slide", "--tta", "--scale", "64", "32", "--quiet"])
     stdout = capsys.readouterr().out
     assert status == 1 and str(second / "broken.png") in stdout and "readme" not in stdout
     assert "segmented 2 of 3 image(s)" in stdout  # duplicate argument counted once
