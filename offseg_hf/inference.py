@@ -18,12 +18,19 @@ With test-time augmentation (``tta=True``) steps 1–3 run for every scale ratio
 1.5, 1.75)`` with and without a horizontal flip (the flipped logits are flipped back), and the **softmax
 probabilities** of the 12 passes are averaged before the arg-max, as mmsegmentation's ``SegTTAModel`` does.
 
-Memory stays bounded for large photos: the network only sees the resized image (at most 2048 pixels on the
-long side, times 1.75 with TTA), and everything at the original resolution is evaluated in bands of rows
-(``band_bytes`` per ``(K, rows, W)`` band). Only the small per-pass logits are kept; the full-resolution
-``(K, H, W)`` logits of a pass never exist (unless ``return_probabilities=True`` asks for the averaged
-probabilities). The band-wise resizes reproduce ``F.interpolate(..., mode="bilinear", align_corners=False)``
-up to float rounding, so the result equals the reference arithmetic.
+Memory stays bounded for large photos. The network only sees the resized image (at most 2048 pixels on the
+long side, times 1.75 with TTA), and only the small per-pass logits are kept. Everything at a larger
+resolution is computed lazily in bands of rows (``band_bytes`` per ``(K, rows, W)`` float32 band), so the
+full-resolution ``(K, H, W)`` logits never exist: an 8000×6000 photo with 150 classes (27 GiB of logits) is
+segmented with a few hundred MiB. The band-wise resizes reproduce ``F.interpolate(..., mode="bilinear",
+align_corners=False)`` up to float rounding. Two more things keep large photos fast:
+
+* the final arg-max only interpolates the classes that can win in each cell of the coarse map (a class whose
+  largest corner value is below another class's smallest corner value cannot), usually one or two of K;
+* with several passes (TTA), the softmax probabilities are averaged at the image size when it is no larger
+  than the largest network input, else at that input size (``merge_resolution="auto"``), and the averaged
+  probabilities are then resized to the image size; ``merge_resolution="original"`` averages at the image size
+  whatever it costs, which is what mmsegmentation does.
 
 Example:
 
