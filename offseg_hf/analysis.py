@@ -196,6 +196,9 @@ class PrototypeAnalysis:
         image_ids: class id → the ids of those n images.
         class_names: K names.
         learned: the model's fixed W `(K, C)`, when known.
+        underdetermined_images: images with no more valid feature pixels N than channels C. There Eᵀ has full
+            column rank N, W* reproduces *any* M exactly and its rows say nothing about the features; the
+            analysis needs N ≫ C (the paper: 128² pixels at 1/4 of 512² for C = 256), i.e. large enough inputs.
     """
 
     num_images: int
@@ -204,6 +207,7 @@ class PrototypeAnalysis:
     image_ids: dict[int, list[int]]
     class_names: list[str]
     learned: np.ndarray | None = None
+    underdetermined_images: int = 0
 
     def select_classes(self, classes: Sequence[int | str] | None = None, count: int = 6) -> list[int]:
         """Class ids from ids or names; by default the ``count`` classes seen in the most images (≥ 2)."""
@@ -253,6 +257,7 @@ class PrototypeAnalysis:
             per_class[self.class_names[class_id]] = entry
         return {
             "num_images": self.num_images,
+            "underdetermined_images": self.underdetermined_images,
             "reconstruction_mIoU": self.reconstruction["mIoU"],
             "reconstruction_aAcc": self.reconstruction["aAcc"],
             "reconstruction": self.reconstruction,
@@ -331,6 +336,7 @@ class PrototypeMiner:
     class_names: Sequence[str] | None = None
     learned: torch.Tensor | np.ndarray | None = None
     num_images: int = field(default=0, init=False)
+    underdetermined_images: int = field(default=0, init=False)
 
     def __post_init__(self):
         if self.class_names is None:
@@ -351,6 +357,8 @@ class PrototypeMiner:
         if image_ids is None:
             image_ids = range(self.num_images, self.num_images + features.shape[0])
         for image_features, image_labels, image_id in zip(features, labels, image_ids):
+            if int((image_labels != self.ignore_index).sum()) <= image_features.shape[0]:
+                self.underdetermined_images += 1  # N ≤ C: W* interpolates any M exactly
             weights, present = ideal_class_embeddings(image_features, image_labels, self.num_labels, self.ignore_index)
             self._metric.update(reconstruct_labels(weights, image_features).cpu(), image_labels.cpu())
             for class_id in present.nonzero().flatten().tolist():
@@ -366,6 +374,7 @@ class PrototypeMiner:
             learned = learned.detach().double().cpu().numpy()
         return PrototypeAnalysis(
             num_images=self.num_images,
+            underdetermined_images=self.underdetermined_images,
             reconstruction=self._metric.compute(),
             prototypes={k: np.stack(rows) for k, rows in self._rows.items()},
             image_ids={k: list(ids) for k, ids in self._ids.items()},

@@ -74,7 +74,7 @@ def test_miner_on_linear_images_reports_perfect_reconstruction_and_writes_heatma
     miner.update(torch.stack([features_a, features_b]), torch.stack([labels_a, labels_b]))
     miner.update(features_c[None], labels_c[None])
     result = miner.result()
-    assert result.num_images == 3
+    assert result.num_images == 3 and result.underdetermined_images == 0  # 42 pixels > 10 channels
     assert result.reconstruction["mIoU"] == pytest.approx(1.0)
     np.testing.assert_allclose(result.prototypes[0], np.stack([weights_a[0], weights_b[0], weights_c[0]]), atol=1e-9)
     similarity = result.similarity(0)
@@ -124,6 +124,7 @@ def test_pre_classifier_features_of_segformer_and_its_offset_variant():
     batches = [{"pixel_values": pixel_values, "labels": torch.randint(0, 5, (2, 64, 64))}] * 2
     result = mine_ideal_prototypes(plugged, batches, images_per_class=3, max_images=3)
     assert result.num_images == 3 and 0.0 <= result.reconstruction["mIoU"] <= 1.0
+    assert result.underdetermined_images == 0  # 8×8 = 64 feature pixels > 16 channels
     assert result.class_names == [config.id2label[k] for k in range(5)]
     with pytest.raises(ValueError, match=r"model\.eval\(\)"):
         mine_ideal_prototypes(plugged.train(), batches)
@@ -146,6 +147,7 @@ def test_prototypes_command_smoke(tmp_path, capsys):
     assert prototypes.run(args) == 0
     out = capsys.readouterr().out
     assert "reconstruction mIoU" in out and "mean pairwise cosine" in out
+    assert "warning: 6 images" in out  # 8×8 feature pixels ≤ 256 channels: W* interpolates
     summary = json.loads((tmp_path / "ideal_prototypes.json").read_text())
     assert summary["num_images"] == 6 and len(summary["classes"]) == 2
     assert (tmp_path / "ideal_prototypes_heatmap.png").stat().st_size > 10_000

@@ -94,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
                         title=f"{args.model}: cosine similarity of per-image W* (Eq. 2), {args.dataset} {args.split}")
     summary = result.summary(result.select_classes(args.classes, args.num_shown))
     print(f"{result.num_images} images: reconstruction mIoU of argmax(W*·Eᵀ) = {100 * result.reconstruction['mIoU']:.2f}%")
+    if result.underdetermined_images:
+        print(f"warning: {result.underdetermined_images} images have no more feature pixels than feature channels: "
+              "W* fits them exactly whatever the features; use larger inputs (--image-size / --test-scale)")
     for name, entry in summary["classes"].items():
         print(f"  {name}: mean pairwise cosine of W* over {len(entry['image_ids'])} images = "
               f"{entry['mean_pairwise_cosine']:.3f}")
