@@ -18,10 +18,26 @@ from .modeling_offseg import (
     OffSegSimilaritySampler,
     carafe,
 )
+from .inference import SegmentationProtocol, SegmentationResult, segment, segment_image
+from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
+from .modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
+from .plug import add_offset_learning, offset_learning_overhead
+from .convert_segformer import convert_segformer_offset_state_dict
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Mask2FormerOffsetConfig",
+    "Mask2FormerOffsetForUniversalSegmentation",
+    "SegformerOffsetConfig",
+    "SegformerOffsetForSemanticSegmentation",
+    "SegmentationProtocol",
+    "SegmentationResult",
+    "add_offset_learning",
+    "convert_segformer_offset_state_dict",
+    "offset_learning_overhead",
+    "segment",
+    "segment_image",
     "EFFICIENTFORMER_V2_VARIANTS",
     "OFFSEG_PRESETS",
     "EfficientFormerV2Backbone",

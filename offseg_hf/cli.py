@@ -19,6 +19,7 @@ COMMANDS = {
     "evaluate": "compute mIoU / mAcc / aAcc of a model on a dataset split",
     "convert": "convert an official OffSeg checkpoint into a Transformers folder",
     "benchmark": "parameters, MACs and CPU latency next to SegFormer",
+    "prototypes": "ideal class representations (Eq. 2) and Fig. 3 heat maps",
 }
 
 

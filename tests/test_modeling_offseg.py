@@ -155,7 +155,8 @@ def test_save_and_load_round_trip(model, tmp_path):
         assert isinstance(reloaded, OffSegForSemanticSegmentation)
         pixel_values = torch.randn(1, 3, 64, 96)
         with torch.no_grad():
-            assert torch.equal(reloaded(pixel_values).logits, model(pixel_values).logits)
+            # Two module instances may pick different oneDNN kernels: equal up to float rounding.
+            assert (reloaded(pixel_values).logits - model(pixel_values).logits).abs().max().item() <= 1e-5
     assert AutoConfig.from_pretrained(tmp_path).backbone_config.hidden_sizes == [32, 48, 120, 224]
 
 
