@@ -290,4 +290,4 @@ def test_remote_code_loads_without_the_package(model, tmp_path):
         env={"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert float(result.stdout.split("MAXDIFF")[1]) == 0.0
+    assert float(result.stdout.split("MAXDIFF")[1]) <= 1e-5  # a fresh process may pick other oneDNN kernels
