@@ -386,9 +386,8 @@ def _verify_folder(folder: Path, mapped: Mapping[str, torch.Tensor], reference_m
       same logits on a fixed input ``randn(1, 3, size, size)`` (generator seed 0).
     """
     from .image_processing_offseg import OffSegImageProcessor
-    from .modeling_offseg import OffSegForSemanticSegmentation
 
-    reloaded = OffSegForSemanticSegmentation.from_pretrained(folder).eval()
+    reloaded = type(reference_model).from_pretrained(folder).eval()
     saved = reloaded.state_dict()
     weight_diff = 0.0
     for key, value in mapped.items():
@@ -534,9 +533,69 @@ def is_imagenet_backbone_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> b
     )
 
 
+def convert_segformer_offset_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    dataset: str | None = None,
+    verify: bool = False,
+    verify_size: int = 512,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    _loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
+) -> ConversionResult:
+    """Convert an official "SegFormer w/ Offset Learning" checkpoint into a Transformers folder.
+
+    Writes ``config.json`` (``model_type: segformer_offset``, the dataset's class names), ``model.safetensors``
+    and ``preprocessor_config.json``, atomically; ``verify`` reloads the folder and compares every tensor and
+    the logits with the in-memory model. Every reference key is mapped or explicitly dropped
+    (:func:`offseg_hf.convert_segformer.convert_segformer_offset_state_dict`).
+    """
+    from .convert import CheckpointMismatchError
+    from .convert_segformer import convert_segformer_offset_state_dict, segformer_offset_config_from_state_dict
+    from .modeling_segformer_offset import SegformerOffsetForSemanticSegmentation
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    state_dict, meta = _loaded if _loaded is not None else read_checkpoint(checkpoint)
+    try:
+        num_labels = int(state_dict["decode_head.offset_learning.cls_repr"].shape[-2])
+        info = resolve_dataset(num_labels, dataset, meta)
+        config = segformer_offset_config_from_state_dict(
+            state_dict, id2label=info.id2label, label2id=info.label2id
+        )
+        config, converted = convert_segformer_offset_state_dict(state_dict, config)
+    except CheckpointMismatchError as error:
+        raise ConversionError(f"{checkpoint}: {error}") from None
+    model = SegformerOffsetForSemanticSegmentation(config).eval()
+    model.load_state_dict(converted, strict=True)
+    processor = build_image_processor(info)
+    result = ConversionResult(
+        output_dir, "segformer-offset", info.name, info.num_labels, sum(p.numel() for p in model.parameters()),
+        dropped_keys=sorted(k for k in state_dict if k.startswith("decode_head.conv_seg.")),
+    )
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        if verify:
+            result.verification = _verify_folder(staging, model.state_dict(), model, verify_size)
+
+    _write_atomically(output_dir, overwrite, write)
+    if push_to_hub:
+        result.hub_url = push_folder_to_hub(
+            output_dir, push_to_hub, private=private, token=token,
+            commit_message=f"Add SegFormer + offset learning ({info.name}) converted from {checkpoint.name}",
+        )
+    return result
+
+
 def convert_any_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **kwargs):
-    """:func:`convert_checkpoint` for OffSeg checkpoints, :func:`convert_backbone_checkpoint` for
-    EfficientFormerV2 ImageNet checkpoints (decided from the keys; the file is read once).
+    """:func:`convert_checkpoint` for OffSeg checkpoints, :func:`convert_segformer_offset_checkpoint` for
+    SegFormer + offset learning checkpoints, :func:`convert_backbone_checkpoint` for EfficientFormerV2
+    ImageNet checkpoints (decided from the keys; the file is read once).
 
     Options that only one of the two takes (``dataset``/``verify``/``verify_size``/``model_id`` for
     OffSeg, ``attention_biases`` for backbones) raise :class:`ConversionError` for the other kind.
@@ -550,6 +609,14 @@ def convert_any_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.P
             kwargs.pop(key, None)
         kwargs["attention_biases"] = kwargs.get("attention_biases") or "zero"
         return convert_backbone_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
+    from .convert_segformer import is_segformer_offset_state_dict
+
+    if is_segformer_offset_state_dict(loaded[0]):
+        if kwargs.get("attention_biases") not in (None, "zero") or kwargs.get("model_id"):
+            raise ConversionError(f"{checkpoint} is a SegFormer + offset learning checkpoint; attention_biases/model_id do not apply")
+        kwargs.pop("attention_biases", None)
+        kwargs.pop("model_id", None)
+        return convert_segformer_offset_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
     if kwargs.get("attention_biases") not in (None, "zero"):
         raise ConversionError(f"{checkpoint} is not an EfficientFormerV2 ImageNet checkpoint; attention_biases applies to those only")
     kwargs.pop("attention_biases", None)
