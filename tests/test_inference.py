@@ -36,13 +36,7 @@ from offseg_hf.inference import (
 SMALL = SegmentationProtocol(scale=(160, 80), crop_size=(64, 64), stride=(48, 48))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Small tensors: one thread avoids OpenMP overhead (and contention on a shared 2-core CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.torch_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +322,6 @@ _MEMORY_SCRIPT = textwrap.dedent(
             return output
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     K, H, W = 150, 1024, 1536
     model = Recording(OffSegForSemanticSegmentation(OffSegConfig.from_preset("offseg-t", num_labels=K)).eval())
     processor = OffSegImageProcessor()

@@ -15,12 +15,7 @@ from offseg_hf.image_processing_offseg import OffSegImageProcessor
 LABELS = ["sky", "tree", "road", "person", "car"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.torch_threads(1)
 
 
 @pytest.fixture(scope="module")
