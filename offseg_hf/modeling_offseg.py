@@ -33,7 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithNoAttention, Semant
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.auto.modeling_auto import AutoModel, AutoModelForSemanticSegmentation
 
-from .configuration_offseg import EfficientFormerV2Config, OffSegConfig
+from .configuration_offseg import OffSegConfig
 from .modeling_efficientformer_v2 import EfficientFormerV2Backbone
 
 # Inputs are padded to a multiple of this (the backbone's total stride; its stage-3 attention halves the grid).
@@ -440,9 +440,7 @@ class OffSegModel(OffSegPreTrainedModel):
 
     def __init__(self, config: OffSegConfig):
         super().__init__(config)
-        backbone_config = config.backbone_config
-        if backbone_config is None:
-            backbone_config = EfficientFormerV2Config()
+        backbone_config = config.backbone_config  # the config fills in EfficientFormerV2-S1 when none is given
         self.backbone = EfficientFormerV2Backbone(backbone_config)
         self.decoder = OffSegDecoder(config, list(backbone_config.hidden_sizes))
         self.post_init()
