@@ -13,11 +13,11 @@ from .modeling_offseg import (
     OffSegForSemanticSegmentation,
     OffSegFreqFusion,
     OffSegModel,
-    OffSegOffsetLearning,
     OffSegPreTrainedModel,
     OffSegSimilaritySampler,
     carafe,
 )
+from .offset_learning import OffsetLearning
 from .inference import SegmentationProtocol, SegmentationResult, segment, segment_image
 from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
 from .modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
@@ -49,7 +49,7 @@ __all__ = [
     "OffSegImageProcessor",
     "OffSegFreqFusion",
     "OffSegModel",
-    "OffSegOffsetLearning",
+    "OffsetLearning",
     "OffSegPreTrainedModel",
     "OffSegSimilaritySampler",
     "carafe",

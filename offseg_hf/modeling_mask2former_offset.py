@@ -6,7 +6,7 @@ reference ``Offset_Learning_Mask`` does, offset learning aligns both before that
 attention, class offset and feature offset of Eq. 4–12 with W = mask embeddings — and the masks become
 ``M = E'·W'ᵀ`` (no LayerNorm: Mask2Former's masks are per-query sigmoid logits, not scores across classes).
 
-One :class:`OffSegMaskOffsetLearning` (2·C² parameters, 131,072 for C = 256) is shared by all decoder layers,
+One :class:`~offseg_hf.offset_learning.OffsetLearning` (without learned class embeddings) (2·C² parameters, 131,072 for C = 256) is shared by all decoder layers,
 like the mask MLP it follows; the aligned masks also drive the masked attention of the next layer.
 """
 
@@ -23,6 +23,8 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerForUniversalSegmentation,
     Mask2FormerMaskPredictor,
 )
+
+from .offset_learning import OffsetLearning
 
 _NON_ARCHITECTURE_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path")
 
@@ -54,61 +56,6 @@ class Mask2FormerOffsetConfig(Mask2FormerConfig):
         return cls(**fields)
 
 
-class OffSegMaskOffsetLearning(nn.Module):
-    """Offset learning between given class (query/mask) embeddings and pixel embeddings (Eq. 4–12).
-
-    With pixel embeddings E `(B, HW, C)` and class embeddings W `(B, Q, C)`:
-
-    * coupled attention ``A = W·Eᵀ``                                          (Eq. 4)
-    * ``W' = W + class_offset_proj(softmax_HW(A)·E)``                         (Eq. 5–8)
-    * ``E' = E + feature_offset_proj(softmax_Q(A)ᵀ·W)`` (uses the original W)  (Eq. 9–12)
-
-    :class:`~offseg_hf.modeling_offseg.OffSegOffsetLearning` is this with W a learned parameter shared by all
-    images, followed by ``LayerNorm_K(E'·W'ᵀ)``.
-
-    Args:
-        hidden_size: C.
-    """
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.class_offset_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.feature_offset_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-
-    def forward(
-        self, class_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(B, Q, C)`, `(B, C, H, W)` → aligned `(B, Q, C)`, aligned `(B, C, H, W)`."""
-        batch, channels, height, width = pixel_embeddings.shape
-        if class_embeddings.ndim != 3 or class_embeddings.shape[0] != batch or class_embeddings.shape[2] != channels:
-            raise ValueError(
-                f"class embeddings {tuple(class_embeddings.shape)} do not fit pixel embeddings "
-                f"{tuple(pixel_embeddings.shape)}: expected (batch={batch}, queries, channels={channels})"
-            )
-        pixels = pixel_embeddings.flatten(2).transpose(1, 2)  # E: (B, HW, C)
-        attention = pixels @ class_embeddings.transpose(1, 2)  # Aᵀ: (B, HW, Q)
-        class_offset = self.class_offset_proj(attention.softmax(dim=1).transpose(1, 2) @ pixels)  # (B, Q, C)
-        feature_offset = self.feature_offset_proj(attention.softmax(dim=2) @ class_embeddings)  # (B, HW, C)
-        aligned_pixels = (pixels + feature_offset).transpose(1, 2).reshape(batch, channels, height, width)
-        return class_embeddings + class_offset, aligned_pixels
-
-    def masks(self, class_embeddings: torch.Tensor, pixel_embeddings: torch.Tensor) -> torch.Tensor:
-        """Mask logits ``E'·W'ᵀ`` as `(B, Q, H, W)`, without building E' `(B, HW, C)`.
-
-        Re-associated like :meth:`OffSegOffsetLearning.forward`:
-        ``E'·W'ᵀ = E·W'ᵀ + softmax_Q(A)·(W·P_fᵀ·W'ᵀ)`` (``P_f``: weight of ``feature_offset_proj``), which
-        costs HW·Q² instead of HW·C² multiply-adds per image — per decoder layer, at 1/4 resolution.
-        Equal to ``einsum("bqc,bchw->bqhw", *self(class_embeddings, pixel_embeddings))`` up to rounding.
-        """
-        batch, channels, height, width = pixel_embeddings.shape
-        pixels = pixel_embeddings.flatten(2).transpose(1, 2)  # E: (B, HW, C)
-        attention = pixels @ class_embeddings.transpose(1, 2)  # Aᵀ: (B, HW, Q)
-        aligned = class_embeddings + self.class_offset_proj(attention.softmax(dim=1).transpose(1, 2) @ pixels)
-        mixed = self.feature_offset_proj(class_embeddings) @ aligned.transpose(1, 2)  # W·P_fᵀ·W'ᵀ: (B, Q, Q)
-        masks = pixels @ aligned.transpose(1, 2) + attention.softmax(dim=2) @ mixed  # (B, HW, Q)
-        return masks.transpose(1, 2).reshape(batch, -1, height, width)
-
-
 class Mask2FormerOffsetMaskPredictor(Mask2FormerMaskPredictor):
     """Mask2Former's mask predictor with offset learning between the mask MLP and the mask product.
 
@@ -118,13 +65,13 @@ class Mask2FormerOffsetMaskPredictor(Mask2FormerMaskPredictor):
 
     def __init__(self, hidden_size: int, num_heads: int, mask_feature_size: int):
         super().__init__(hidden_size, num_heads, mask_feature_size)
-        self.offset_learning = OffSegMaskOffsetLearning(mask_feature_size)
+        self.offset_learning = OffsetLearning(mask_feature_size)
 
     def forward(
         self, outputs: torch.Tensor, pixel_embeddings: torch.Tensor, attention_mask_target_size: int | None = None
     ):
         mask_embeddings = self.mask_embedder(outputs.transpose(0, 1))
-        masks = self.offset_learning.masks(mask_embeddings, pixel_embeddings)
+        masks = self.offset_learning.masks(pixel_embeddings, mask_embeddings)
         attention_mask = nn.functional.interpolate(
             masks, size=attention_mask_target_size, mode="bilinear", align_corners=False
         )
@@ -162,7 +109,7 @@ class Mask2FormerOffsetForUniversalSegmentation(Mask2FormerForUniversalSegmentat
         super().initialize_weights()
         std = self.config.offset_learning_init_std
         for module in self.modules():
-            if isinstance(module, OffSegMaskOffsetLearning):
+            if isinstance(module, OffsetLearning):
                 init.trunc_normal_(module.class_offset_proj.weight, std=std)
                 init.trunc_normal_(module.feature_offset_proj.weight, std=std)
 
@@ -178,5 +125,4 @@ __all__ = [
     "Mask2FormerOffsetConfig",
     "Mask2FormerOffsetForUniversalSegmentation",
     "Mask2FormerOffsetMaskPredictor",
-    "OffSegMaskOffsetLearning",
 ]

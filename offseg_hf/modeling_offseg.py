@@ -16,7 +16,7 @@ FreqFusion fusions from stride 32 to stride 4 (adaptive low-pass / high-pass CAR
 similarity-guided resampler) → align 1×1 conv + GroupNorm + ReLU → offset learning → logits at stride 4.
 
 Parts, by paper name: :func:`carafe`, :class:`OffSegFreqFusion` (ALPF ``lowpass_encoder``, AHPF
-``highpass_encoder``), :class:`OffSegSimilaritySampler`, :class:`OffSegOffsetLearning`,
+``highpass_encoder``), :class:`OffSegSimilaritySampler`, :class:`~offseg_hf.offset_learning.OffsetLearning`,
 :class:`OffSegDecoder`, :class:`OffSegModel`, :class:`OffSegForSemanticSegmentation`.
 """
 
@@ -35,6 +35,7 @@ from transformers.models.auto.modeling_auto import AutoModel, AutoModelForSemant
 
 from .configuration_offseg import OffSegConfig
 from .modeling_efficientformer_v2 import EfficientFormerV2Backbone
+from .offset_learning import OffsetLearning
 
 # Inputs are padded to a multiple of this (the backbone's total stride; its stage-3 attention halves the grid).
 INPUT_MULTIPLE = 32
@@ -320,67 +321,6 @@ class OffSegDecoder(nn.Module):
         return self.align(self.fuse(features))
 
 
-class OffSegOffsetLearning(nn.Module):
-    """Offset learning (paper Sec. 3.3, Eq. 4–13): a drop-in replacement for a 1×1 classifier.
-
-    `(B, C, H, W) -> (B, K, H, W)`. With pixel features E (HW×C) and class embeddings W (K×C):
-
-    * coupled attention ``A = W·Eᵀ`` (K×HW)                                           (Eq. 4)
-    * class offset ``ΔW = class_offset_proj(softmax_HW(A)·E)``, ``W' = W + ΔW``          (Eq. 5–8)
-    * feature offset ``ΔE = feature_offset_proj(softmax_K(A)ᵀ·W)``, ``E' = E + ΔE``     (Eq. 9–12)
-    * masks ``M = mask_norm(E'·W'ᵀ)``, a LayerNorm over the K class scores of each pixel (Eq. 13)
-
-    Args:
-        hidden_size: C.
-        num_labels: K.
-    """
-
-    def __init__(self, hidden_size: int, num_labels: int, layer_norm_eps: float = 1e-5):
-        super().__init__()
-        self.class_embeddings = nn.Parameter(torch.zeros(num_labels, hidden_size))
-        self.class_offset_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.feature_offset_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.mask_norm = nn.LayerNorm(num_labels, eps=layer_norm_eps)
-
-    def coupled_attention(self, features: torch.Tensor) -> torch.Tensor:
-        """``A`` as `(B, HW, K)` (the transpose of the paper's K×HW) for features `(B, HW, C)` (Eq. 4)."""
-        return features @ self.class_embeddings.t()
-
-    def class_offset(self, attention: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """``ΔW`` `(B, K, C)`: features pooled per class by a softmax over pixels (Eq. 5–8)."""
-        return self.class_offset_proj(attention.softmax(dim=1).transpose(1, 2) @ features)
-
-    def feature_offset(self, attention: torch.Tensor) -> torch.Tensor:
-        """``ΔE`` `(B, HW, C)`: class embeddings mixed per pixel by a softmax over classes (Eq. 9–12)."""
-        return self.feature_offset_proj(attention.softmax(dim=2) @ self.class_embeddings)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Eq. 4–13, with the product of Eq. 13 re-associated so that ΔE (HW×C) is never built:
-
-        ``E'·W'ᵀ = E·W'ᵀ + softmax_K(A)·(W·P_fᵀ·W'ᵀ)`` where ``P_f`` is the weight of ``feature_offset_proj``
-        — the same function as ``(E + ΔE)·W'ᵀ`` (up to float rounding) for about 40 % fewer
-        multiply-adds, since K ≤ C makes the K×K product cheaper than the HW×C×C projection.
-        """
-        batch, channels, height, width = features.shape
-        pixels = features.flatten(2).transpose(1, 2)  # E: (B, HW, C)
-        attention = self.coupled_attention(pixels)  # A^T: (B, HW, K)
-        class_embeddings = self.class_embeddings + self.class_offset(attention, pixels)  # W': (B, K, C)
-        mixed_targets = self.feature_offset_proj(self.class_embeddings) @ class_embeddings.transpose(1, 2)  # (B, K, K)
-        masks = pixels @ class_embeddings.transpose(1, 2) + attention.softmax(dim=2) @ mixed_targets  # E'·W'^T
-        masks = self.mask_norm(masks)  # (B, HW, K)
-        return masks.transpose(1, 2).reshape(batch, -1, height, width)
-
-    def forward_explicit(self, features: torch.Tensor) -> torch.Tensor:
-        """Eq. 4–13 computed literally (``E' = E + ΔE`` materialised); equal to :meth:`forward`."""
-        batch, channels, height, width = features.shape
-        pixels = features.flatten(2).transpose(1, 2)
-        attention = self.coupled_attention(pixels)
-        class_embeddings = self.class_embeddings + self.class_offset(attention, pixels)
-        pixels = pixels + self.feature_offset(attention)
-        masks = self.mask_norm(pixels @ class_embeddings.transpose(1, 2))
-        return masks.transpose(1, 2).reshape(batch, -1, height, width)
-
-
 class OffSegPreTrainedModel(PreTrainedModel):
     config: OffSegConfig
     config_class = OffSegConfig
@@ -414,7 +354,7 @@ class OffSegPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, OffSegOffsetLearning):
+        elif isinstance(module, OffsetLearning):
             std = self.config.offset_learning_init_std
             init.trunc_normal_(module.class_embeddings, std=std)
             init.trunc_normal_(module.class_offset_proj.weight, std=std)
@@ -498,7 +438,7 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
         super().__init__(config)
         self.offseg = OffSegModel(config)
         self.dropout = nn.Dropout(config.classifier_dropout_prob)
-        self.offset_learning = OffSegOffsetLearning(config.decoder_hidden_size, config.num_labels)
+        self.offset_learning = OffsetLearning(config.decoder_hidden_size, config.num_labels)
         self.post_init()
 
     def forward(
@@ -557,7 +497,6 @@ __all__ = [
     "OffSegForSemanticSegmentation",
     "OffSegFreqFusion",
     "OffSegModel",
-    "OffSegOffsetLearning",
     "OffSegPreTrainedModel",
     "OffSegSimilaritySampler",
     "carafe",

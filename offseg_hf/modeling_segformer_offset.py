@@ -2,7 +2,7 @@
 
 The paper replaces SegFormer's per-pixel classifier ``M = W·Eᵀ`` by offset learning (Eq. 4–13): the fused
 decoder feature E `(B, D, H/4, W/4)` is 2×2 max-pooled to `(B, D, H/8, W/8)` and
-:class:`~offseg_hf.modeling_offseg.OffSegOffsetLearning` turns it into logits `(B, K, H/8, W/8)`.
+:class:`~offseg_hf.offset_learning.OffsetLearning` turns it into logits `(B, K, H/8, W/8)`.
 
 Two decoder styles share this module (``SegformerOffsetConfig.decode_head_style``):
 
@@ -37,7 +37,7 @@ from transformers.models.segformer.modeling_segformer import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from .modeling_offseg import OffSegOffsetLearning
+from .offset_learning import OffsetLearning
 
 DECODE_HEAD_STYLES = ("transformers", "reference")
 
@@ -142,7 +142,7 @@ class SegformerOffsetDecodeHead(nn.Module):
         pool = config.offset_learning_pool_size
         self.pool = nn.MaxPool2d(pool, pool) if pool > 1 else nn.Identity()
         self.dropout = nn.Dropout(config.classifier_dropout_prob)
-        self.offset_learning = OffSegOffsetLearning(hidden, config.num_labels)
+        self.offset_learning = OffsetLearning(hidden, config.num_labels)
 
     def fuse(self, encoder_hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Fused decoder feature `(B, D, H/4, W/4)` from the encoder stage outputs (finest first)."""
@@ -221,7 +221,7 @@ class SegformerOffsetForSemanticSegmentation(SegformerPreTrainedModel):
     def _init_weights(self, module):
         """transformers' SegFormer init, plus: offset learning W and projections truncated normal
         (std ``offset_learning_init_std``); reference-style 1×1 convs Kaiming normal (fan_out, ReLU)."""
-        if isinstance(module, OffSegOffsetLearning):
+        if isinstance(module, OffsetLearning):
             std = self.config.offset_learning_init_std
             init.trunc_normal_(module.class_embeddings, std=std)
             init.trunc_normal_(module.class_offset_proj.weight, std=std)

@@ -35,12 +35,9 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import Mask2FormerForUniversalSegmentation, PreTrainedModel, SegformerForSemanticSegmentation
 
-from .modeling_mask2former_offset import (
-    Mask2FormerOffsetConfig,
-    Mask2FormerOffsetForUniversalSegmentation,
-    OffSegMaskOffsetLearning,
-)
-from .modeling_offseg import OffSegForSemanticSegmentation, OffSegOffsetLearning
+from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
+from .modeling_offseg import OffSegForSemanticSegmentation
+from .offset_learning import OffsetLearning
 from .modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
 
 SUPPORTED_MODELS = ("SegformerForSemanticSegmentation", "Mask2FormerForUniversalSegmentation")
@@ -82,7 +79,7 @@ class OffsetLearningOverhead:
 
 def offset_learning_parameters(model: nn.Module) -> int:
     """Parameters of all offset-learning modules inside ``model``."""
-    modules = [m for m in model.modules() if isinstance(m, (OffSegOffsetLearning, OffSegMaskOffsetLearning))]
+    modules = [m for m in model.modules() if isinstance(m, OffsetLearning)]
     return sum(count_parameters(module) for module in modules)
 
 

@@ -15,7 +15,7 @@ def test_mac_counts_match_reference(fixtures_dir, preset):
     by_operator = stats["fvcore_macs_by_operator"]
     assert macs.conv == stats["fvcore_macs_conv_only"]
     assert macs.carafe == stats["carafe_macs"]
-    # Our offset learning re-associates Eq. 13 (see OffSegOffsetLearning.forward): the reference's
+    # Our offset learning re-associates Eq. 13 (see OffsetLearning.masks): the reference's
     # HW·C·C feature-offset projection and HW·K·C class mixing become an HW·K·K product (+ tiny K-sized terms).
     pixels, channels, classes = (512 // 4) ** 2, 256, 150
     saved = pixels * (channels * channels + classes * channels - classes * classes)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffSegOffsetLearning, carafe
+from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffsetLearning, carafe
 from offseg_hf.convert import CheckpointMismatchError, convert_official_state_dict, detect_preset, num_labels_of
 
 ATOL = 1e-4
@@ -70,7 +70,7 @@ def test_full_model_matches_reference_batch_of_two(golden_model, golden_io):
 def test_offset_learning_matches_reference(fixtures_dir, prefix):
     data = load_file(fixtures_dir / "offset_learning_io.safetensors")
     state = {key[len(prefix) + len("state.") :]: value for key, value in data.items() if key.startswith(prefix + "state.")}
-    module = OffSegOffsetLearning(hidden_size=64, num_labels=19).eval()
+    module = OffsetLearning(hidden_size=64, num_labels=19).eval()
     module.load_state_dict(
         {
             "class_embeddings": state["cls_repr"][0],
@@ -82,10 +82,35 @@ def test_offset_learning_matches_reference(fixtures_dir, prefix):
     )
     with torch.no_grad():
         output = module(data["input"])
-        explicit = module.forward_explicit(data["input"])
+        # Eq. 13 literally: E' = E + ΔE materialised by align(), then the product and the LayerNorm over K.
+        aligned_classes, aligned_pixels = module.align(data["input"], module.class_embeddings)
+        explicit = module.mask_norm(torch.einsum("bkc,bchw->bhwk", aligned_classes, aligned_pixels)).permute(0, 3, 1, 2)
     assert output.shape == (2, 19, 12, 20)
     assert max_diff(output, data[prefix + "output"]) <= 1e-5
     assert max_diff(explicit, data[prefix + "output"]) <= 1e-5
+
+
+@pytest.mark.parametrize("prefix", ["", "strong."])
+def test_offset_learning_between_given_embeddings_matches_reference_offset_learning_mask(fixtures_dir, prefix):
+    """The reference ``Offset_Learning_Mask`` (Mask2Former w/ offset learning) is OffsetLearning without learned W."""
+    data = load_file(fixtures_dir / "offset_learning_mask_io.safetensors")
+    module = OffsetLearning(hidden_size=64).eval()
+    module.load_state_dict(
+        {
+            "class_offset_proj.weight": data["state.cls_offset_proj.weight"],
+            "feature_offset_proj.weight": data["state.feat_offset_proj.weight"],
+        }
+    )
+    with torch.no_grad():
+        aligned_classes, aligned_pixels = module.align(data["mask_features"], data[prefix + "mask_embed"])
+        masks = module.masks(data["mask_features"], data[prefix + "mask_embed"])
+    assert max_diff(aligned_classes, data[prefix + "aligned_cls_repr"]) <= 1e-5
+    assert max_diff(aligned_pixels, data[prefix + "aligned_img_feat"]) <= 1e-5
+    # mask_pred reaches |141| in the strong case, where one float32 step is 1.5e-5: compare it relatively there.
+    product = torch.einsum("bqc,bchw->bqhw", aligned_classes, aligned_pixels)
+    torch.testing.assert_close(product, data[prefix + "mask_pred"], atol=1e-5, rtol=1e-6)
+    # The re-associated product sums terms as large as the masks themselves: its rounding scales with max |M|.
+    assert max_diff(masks, data[prefix + "mask_pred"]) <= 1e-5 + 1e-6 * data[prefix + "mask_pred"].abs().max()
 
 
 @pytest.mark.parametrize("kernel_size,scale,groups", [(3, 1, 1), (5, 2, 1), (3, 2, 2)])

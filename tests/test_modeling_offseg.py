@@ -18,7 +18,7 @@ from offseg_hf import (
     OffSegForSemanticSegmentation,
     OffSegFreqFusion,
     OffSegModel,
-    OffSegOffsetLearning,
+    OffsetLearning,
 )
 from offseg_hf.modeling_efficientformer_v2 import EfficientFormerV2RelativePositionBias
 
@@ -238,7 +238,7 @@ def test_reference_initialisation():
     assert fusion.hr_channel_compressor.weight.abs().max().item() <= bound
     assert fusion.hr_channel_compressor.weight.std().item() > 0.5 * bound / math.sqrt(3)
     head = model.offset_learning
-    assert isinstance(head, OffSegOffsetLearning)
+    assert isinstance(head, OffsetLearning)
     assert 0.015 < head.class_embeddings.std().item() < 0.025
     assert torch.equal(head.mask_norm.weight, torch.ones(150))
     block = model.offseg.backbone.stages[3].blocks[-1]

@@ -22,12 +22,8 @@ from transformers import (
 )
 
 from offseg_hf.data.synthetic import SyntheticScenes
-from offseg_hf.modeling_mask2former_offset import (
-    Mask2FormerOffsetConfig,
-    Mask2FormerOffsetForUniversalSegmentation,
-    OffSegMaskOffsetLearning,
-)
-from offseg_hf.modeling_offseg import OffSegOffsetLearning
+from offseg_hf.modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
+from offseg_hf.offset_learning import OffsetLearning
 from offseg_hf.modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
 from offseg_hf.plug import add_offset_learning, offset_learning_overhead
 
@@ -161,7 +157,8 @@ def test_save_and_reload_as_the_offset_variant(tmp_path):
     config_text = (tmp_path / "config.json").read_text()
     assert '"model_type": "segformer_offset"' in config_text
     assert "AutoModelForSemanticSegmentation" in config_text  # auto_map for trust_remote_code users
-    assert (tmp_path / "modeling_segformer_offset.py").exists() and (tmp_path / "modeling_offseg.py").exists()
+    # Only the code the model imports travels for trust_remote_code, none of OffSeg's.
+    assert sorted(path.name for path in tmp_path.glob("*.py")) == ["modeling_segformer_offset.py", "offset_learning.py"]
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
     assert type(reloaded) is SegformerOffsetForSemanticSegmentation
     pixel_values = torch.randn(1, 3, 64, 64)
@@ -242,19 +239,19 @@ def test_saved_folder_loads_as_remote_code_without_offseg_hf(tmp_path):
 
 
 def test_mask_offset_learning_matches_the_classifier_form():
-    """With W = the learned class embeddings, the mask variant + LayerNorm is OffSegOffsetLearning (Eq. 4–13)."""
+    """With W = the learned class embeddings, the mask variant + LayerNorm is the classifier form (Eq. 4–13)."""
     torch.manual_seed(3)
-    classifier = OffSegOffsetLearning(hidden_size=12, num_labels=7)
+    classifier = OffsetLearning(hidden_size=12, num_labels=7)
     torch.nn.init.normal_(classifier.class_embeddings, std=0.5)
     torch.nn.init.normal_(classifier.class_offset_proj.weight, std=0.2)
     torch.nn.init.normal_(classifier.feature_offset_proj.weight, std=0.2)
-    masks = OffSegMaskOffsetLearning(12)
+    masks = OffsetLearning(12)
     masks.load_state_dict(
         {"class_offset_proj.weight": classifier.class_offset_proj.weight,
          "feature_offset_proj.weight": classifier.feature_offset_proj.weight}
     )
     features = torch.randn(2, 12, 5, 6)
-    aligned_classes, aligned_pixels = masks(classifier.class_embeddings.expand(2, -1, -1), features)
+    aligned_classes, aligned_pixels = masks.align(features, classifier.class_embeddings.expand(2, -1, -1))
     scores = torch.einsum("bkc,bchw->bhwk", aligned_classes, aligned_pixels)
     expected = classifier(features)
     torch.testing.assert_close(classifier.mask_norm(scores).permute(0, 3, 1, 2), expected, atol=1e-5, rtol=1e-5)
@@ -262,12 +259,12 @@ def test_mask_offset_learning_matches_the_classifier_form():
 
 def test_reassociated_masks_equal_the_explicit_product():
     torch.manual_seed(4)
-    offsets = OffSegMaskOffsetLearning(16)
+    offsets = OffsetLearning(16)
     torch.nn.init.normal_(offsets.class_offset_proj.weight, std=0.3)
     torch.nn.init.normal_(offsets.feature_offset_proj.weight, std=0.3)
     queries, pixels = torch.randn(2, 6, 16), torch.randn(2, 16, 5, 7)
-    explicit = torch.einsum("bqc,bchw->bqhw", *offsets(queries, pixels))
-    torch.testing.assert_close(offsets.masks(queries, pixels), explicit, atol=1e-4, rtol=1e-4)
+    explicit = torch.einsum("bqc,bchw->bqhw", *offsets.align(pixels, queries))
+    torch.testing.assert_close(offsets.masks(pixels, queries), explicit, atol=1e-4, rtol=1e-4)
 
 
 def test_mask2former_forward_backward():

@@ -1,0 +1,119 @@
+"""Offset learning (OffSeg, ICCV 2025, Sec. 3.3, Eq. 4–13): the one implementation every model here uses.
+
+A per-pixel classifier computes masks ``M = W·Eᵀ`` from class embeddings W `(K, C)` and pixel features E
+`(HW, C)`. Offset learning aligns both before that product:
+
+* coupled attention ``A = W·Eᵀ`` (K×HW, no 1/√C scaling)                              (Eq. 4)
+* class offset ``ΔW = class_offset_proj(softmax_HW(A)·E)``, ``W' = W + ΔW``             (Eq. 5–8)
+* feature offset ``ΔE = feature_offset_proj(softmax_K(A)ᵀ·W)``, ``E' = E + ΔE``        (Eq. 9–12)
+* masks ``M = E'·W'ᵀ`` (+ a LayerNorm over the K class scores of each pixel when W is learned)   (Eq. 13)
+
+:class:`OffsetLearning` serves two uses:
+
+* **as a classifier** (``num_labels`` given: OffSeg, SegFormer / SegNeXt w/ offset learning): W is a learned
+  parameter ``class_embeddings`` shared by all images; ``forward(features)`` returns the LayerNorm-ed masks
+  `(B, K, H, W)` — a drop-in replacement for a 1×1 classifier;
+* **between given embeddings** (no ``num_labels``: Mask2Former w/ offset learning, the reference
+  ``Offset_Learning_Mask``): W are per-image query mask embeddings `(B, Q, C)`; :meth:`align` returns the
+  aligned pair ``(W', E')`` and :meth:`masks` their product, without normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class OffsetLearning(nn.Module):
+    """Offset learning between class embeddings W and pixel features E (Eq. 4–13).
+
+    Args:
+        hidden_size: C, the width of W and E.
+        num_labels: K. When given, W is the learned parameter ``class_embeddings`` `(K, C)` and
+            :meth:`forward` applies the LayerNorm ``mask_norm`` over the K scores (Eq. 13); when `None`, W is
+            passed to :meth:`align` / :meth:`masks` by the caller.
+        layer_norm_eps: epsilon of ``mask_norm``.
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int | None = None, layer_norm_eps: float = 1e-5):
+        super().__init__()
+        self.class_offset_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.feature_offset_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        if num_labels is not None:
+            self.class_embeddings = nn.Parameter(torch.zeros(num_labels, hidden_size))
+            self.mask_norm = nn.LayerNorm(num_labels, eps=layer_norm_eps)
+        else:
+            self.class_embeddings = None
+            self.mask_norm = None
+
+    @staticmethod
+    def coupled_attention(pixels: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ`` `(B, HW, K)` (the transpose of the paper's K×HW) for E `(B, HW, C)`, W `(K, C)` or `(B, K, C)` (Eq. 4)."""
+        return pixels @ class_embeddings.transpose(-1, -2)
+
+    def class_offset(self, attention: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """``ΔW`` `(B, K, C)`: the features pooled per class by a softmax over pixels, projected (Eq. 5–8)."""
+        return self.class_offset_proj(attention.softmax(dim=1).transpose(1, 2) @ pixels)
+
+    def feature_offset(self, attention: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """``ΔE`` `(B, HW, C)`: the class embeddings mixed per pixel by a softmax over classes, projected (Eq. 9–12)."""
+        return self.feature_offset_proj(attention.softmax(dim=2) @ class_embeddings)
+
+    @staticmethod
+    def _check(pixel_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> None:
+        batch, channels = pixel_embeddings.shape[:2]
+        fits = class_embeddings.shape[-1] == channels and (
+            class_embeddings.ndim == 2 or (class_embeddings.ndim == 3 and class_embeddings.shape[0] == batch)
+        )
+        if pixel_embeddings.ndim != 4 or not fits:
+            raise ValueError(
+                f"offset learning: class embeddings {tuple(class_embeddings.shape)} do not fit pixel embeddings "
+                f"{tuple(pixel_embeddings.shape)}; expected (B, C, H, W) with (K, C) or (B, K, C)"
+            )
+
+    def align(
+        self, pixel_embeddings: torch.Tensor, class_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The aligned pair (Eq. 4–12): ``W'`` `(B, K, C)` and ``E'`` `(B, C, H, W)`.
+
+        Args:
+            pixel_embeddings: E as `(B, C, H, W)`.
+            class_embeddings: W as `(K, C)` (shared) or `(B, K, C)` (per image).
+        """
+        self._check(pixel_embeddings, class_embeddings)
+        batch, channels, height, width = pixel_embeddings.shape
+        pixels = pixel_embeddings.flatten(2).transpose(1, 2)  # E: (B, HW, C)
+        attention = self.coupled_attention(pixels, class_embeddings)  # Aᵀ: (B, HW, K)
+        aligned_classes = class_embeddings + self.class_offset(attention, pixels)  # W': (B, K, C)
+        aligned_pixels = pixels + self.feature_offset(attention, class_embeddings)  # E': (B, HW, C)
+        return aligned_classes, aligned_pixels.transpose(1, 2).reshape(batch, channels, height, width)
+
+    def masks(self, pixel_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """Mask logits ``E'·W'ᵀ`` `(B, K, H, W)` (Eq. 13 before the LayerNorm), without building E'.
+
+        The product is re-associated: ``E'·W'ᵀ = E·W'ᵀ + softmax_K(A)·(W·P_fᵀ·W'ᵀ)`` with ``P_f`` the weight
+        of ``feature_offset_proj``. That is the same function as ``(E + ΔE)·W'ᵀ`` up to float rounding, for
+        HW·K² instead of HW·C² multiply-adds (K ≤ C for every model here).
+        """
+        batch, _, height, width = pixel_embeddings.shape
+        return self._scores(pixel_embeddings, class_embeddings).transpose(1, 2).reshape(batch, -1, height, width)
+
+    def _scores(self, pixel_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        """``E'·W'ᵀ`` as `(B, HW, K)`, re-associated as described in :meth:`masks`."""
+        self._check(pixel_embeddings, class_embeddings)
+        pixels = pixel_embeddings.flatten(2).transpose(1, 2)  # E: (B, HW, C)
+        attention = self.coupled_attention(pixels, class_embeddings)  # Aᵀ: (B, HW, K)
+        aligned = (class_embeddings + self.class_offset(attention, pixels)).transpose(1, 2)  # W'ᵀ: (B, C, K)
+        mixed = self.feature_offset_proj(class_embeddings) @ aligned  # W·P_fᵀ·W'ᵀ: (B, K, K)
+        return pixels @ aligned + attention.softmax(dim=2) @ mixed  # E'·W'ᵀ: (B, HW, K)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifier form: features E `(B, C, H, W)` → ``mask_norm(E'·W'ᵀ)`` `(B, K, H, W)` with the learned W."""
+        if self.class_embeddings is None:
+            raise TypeError("this OffsetLearning has no learned class embeddings (num_labels=None): use masks() or align()")
+        batch, _, height, width = features.shape
+        scores = self.mask_norm(self._scores(features, self.class_embeddings))  # LayerNorm over K (Eq. 13)
+        return scores.transpose(1, 2).reshape(batch, -1, height, width)
+
+
+__all__ = ["OffsetLearning"]
