@@ -1,8 +1,10 @@
 """offseg-hf: OffSeg (ICCV 2025) as a Hugging Face Transformers model.
 
-Importing the package registers OffSeg with AutoConfig, AutoModel, AutoModelForSemanticSegmentation and
-AutoBackbone and AutoImageProcessor (the registrations live in the modeling modules themselves, so that a saved folder also
-loads as remote code without this package).
+Importing the package registers its models with the Auto classes, once, here: AutoConfig, AutoBackbone
+(EfficientFormerV2), AutoModel / AutoModelForSemanticSegmentation (OffSeg, SegFormer + offset learning) and
+AutoModelForUniversalSegmentation (Mask2Former + offset learning). The modeling files themselves register
+nothing, so that a saved folder loaded as remote code (``trust_remote_code=True``) leaves the global Auto maps
+alone.
 """
 
 from .configuration_offseg import EFFICIENTFORMER_V2_VARIANTS, OFFSEG_PRESETS, EfficientFormerV2Config, OffSegConfig
@@ -23,6 +25,39 @@ from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOff
 from .modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
 from .plug import add_offset_learning, offset_learning_overhead
 from .convert_segformer import convert_segformer_offset_state_dict
+
+
+def _register_auto_classes() -> None:
+    from transformers import (
+        AutoBackbone,
+        AutoConfig,
+        AutoModel,
+        AutoModelForSemanticSegmentation,
+        AutoModelForUniversalSegmentation,
+    )
+    from transformers.conversion_mapping import WeightRenaming, register_checkpoint_conversion_mapping
+
+    for config_class in (EfficientFormerV2Config, OffSegConfig, SegformerOffsetConfig, Mask2FormerOffsetConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoBackbone.register(EfficientFormerV2Config, EfficientFormerV2Backbone, exist_ok=True)
+    AutoModel.register(OffSegConfig, OffSegModel, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(OffSegConfig, OffSegForSemanticSegmentation, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(
+        SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation, exist_ok=True
+    )
+    AutoModelForUniversalSegmentation.register(
+        Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation, exist_ok=True
+    )
+    # Hub SegFormer checkpoints name the per-level projections ``decode_head.linear_c`` (transformers renames them
+    # for its own class): loading one into SegformerOffsetForSemanticSegmentation needs the same renaming.
+    register_checkpoint_conversion_mapping(
+        SegformerOffsetForSemanticSegmentation.__name__,
+        [WeightRenaming("decode_head.linear_c", "decode_head.linear_projections")],
+        overwrite=True,
+    )
+
+
+_register_auto_classes()
 
 __version__ = "0.1.0"
 

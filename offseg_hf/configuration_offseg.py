@@ -16,7 +16,6 @@ import copy
 from huggingface_hub.dataclasses import strict
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
-from transformers.models.auto.configuration_auto import AutoConfig
 
 # EfficientFormerV2 variants (Li et al., "Rethinking Vision Transformers for MobileNet Size and Speed").
 # mlp_expansion_ratios[stage][block]: hidden width of each block's MLP = ratio * stage width.
@@ -88,7 +87,8 @@ class EfficientFormerV2Config(BackboneConfigMixin, PreTrainedConfig):
         layer_scale_init_value (`float`, defaults to 1e-5): initial value of the per-channel layer scales.
         batch_norm_eps (`float`, defaults to 1e-5).
         initializer_range (`float`, defaults to 0.02): std of the truncated-normal init of MLP convolutions.
-        out_features / out_indices: which stages (`"stem"`, `"stage1"` … `"stage4"`) the backbone returns.
+        out_features / out_indices: which stages (`"stem"`, `"stage1"` … `"stage4"`) the backbone returns;
+            like every Transformers backbone, the last stage only when neither is given.
     """
 
     model_type = "offseg_efficientformer_v2"
@@ -118,11 +118,9 @@ class EfficientFormerV2Config(BackboneConfigMixin, PreTrainedConfig):
             self.mlp_expansion_ratios = [[4] * depth for depth in self.depths]
         self.mlp_expansion_ratios = [list(ratios) for ratios in self.mlp_expansion_ratios]
         self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, len(self.depths) + 1)]
-        out_indices = kwargs.pop("out_indices", None)
-        out_features = kwargs.pop("out_features", None)
-        if out_indices is None and out_features is None:
-            out_features = self.stage_names[1:]
-        self.set_output_features_output_indices(out_indices=out_indices, out_features=out_features)
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -154,29 +152,39 @@ class EfficientFormerV2Config(BackboneConfigMixin, PreTrainedConfig):
         return cls(**copy.deepcopy(EFFICIENTFORMER_V2_VARIANTS[key]), **kwargs)
 
 
+CLASSIFIERS = ("offset_learning", "per_pixel")
+
+
 @strict
 class OffSegConfig(PreTrainedConfig):
     r"""
     Configuration of [`OffSegForSemanticSegmentation`].
 
     Args:
-        backbone_config (`EfficientFormerV2Config` or `dict`): the backbone; defaults to EfficientFormerV2-S1.
+        backbone_config (`EfficientFormerV2Config`, `dict` or any Transformers backbone config): the backbone; it must
+            return four feature maps of strides 4, 8, 16 and 32. Defaults to EfficientFormerV2-S1 with all four stages.
         decoder_stage_channels (`list[int]`): output channels of the per-stage 1×1 conv + GroupNorm + ReLU
             (``new_channels`` in the reference configs), from stride 4 to stride 32.
-        decoder_hidden_size (`int`, defaults to 256): channels of the aligned feature E fed to offset learning.
+        decoder_hidden_size (`int`, defaults to 256): channels of the aligned feature E fed to the classifier.
         decoder_num_groups (`int`, defaults to 32): GroupNorm groups of the decoder's conv blocks.
         freqfusion_lowpass_kernel (`int`, defaults to 5), freqfusion_highpass_kernel (`int`, defaults to 3):
             CARAFE kernel sizes of FreqFusion's adaptive low-pass and high-pass filters.
         freqfusion_encoder_kernel (`int`, defaults to 3): kernel of the filter generators (content encoders).
-        freqfusion_resample_groups (`int`, defaults to 4): channel groups of the similarity-guided resampler.
-        classifier_dropout_prob (`float`, defaults to 0.0): dropout on the aligned feature before offset
-            learning, training only. The reference head declares ``dropout_ratio=0.1`` but never applies it,
-            so 0.0 reproduces the published models.
+        freqfusion_sampler_kernel (`int`, defaults to 3): kernel of the similarity-guided resampler's offset and
+            scale convolutions.
+        freqfusion_resample_groups (`int`, defaults to 4): channel groups of the similarity-guided resampler; the
+            decoder's interleaved concatenation uses as many channel blocks, so that groups and blocks stay aligned.
+        classifier (`str`, defaults to `"offset_learning"`): `"offset_learning"` (the paper, Eq. 4–13) or
+            `"per_pixel"` (a 1×1 convolution, the baseline of the paper's Table 6).
+        classifier_dropout_prob (`float`, defaults to 0.0): dropout on the aligned feature before the classifier,
+            training only. The reference head declares ``dropout_ratio=0.1`` but never applies it, so 0.0 reproduces
+            the published models.
         offset_learning_init_std (`float`, defaults to 0.02): std of the truncated-normal init of the class
             embeddings W and of both offset projections.
-        semantic_loss_ignore_index (`int`, defaults to 255): label value ignored by the loss.
-        initializer_range (`float`, defaults to 0.02).
-        num_labels / id2label / label2id: the classes (standard Transformers fields).
+        semantic_loss_ignore_index (`int`, defaults to 255): label value ignored by the loss (and by the data and
+            metrics of this package).
+        num_labels / id2label / label2id: the classes (standard Transformers fields); at least 2 (binary
+            segmentation is foreground/background with 2 classes).
     """
 
     model_type = "offseg"
@@ -189,26 +197,77 @@ class OffSegConfig(PreTrainedConfig):
     freqfusion_lowpass_kernel: int = 5
     freqfusion_highpass_kernel: int = 3
     freqfusion_encoder_kernel: int = 3
+    freqfusion_sampler_kernel: int = 3
     freqfusion_resample_groups: int = 4
+    classifier: str = "offset_learning"
     classifier_dropout_prob: float | int = 0.0
     offset_learning_init_std: float = 0.02
     semantic_loss_ignore_index: int = 255
-    initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         self.decoder_stage_channels = list(self.decoder_stage_channels)
+        # The default backbone is resolved here rather than through AutoConfig, so that a saved folder also loads
+        # as remote code (where nothing registers EfficientFormerV2Config); any other backbone config dict is
+        # resolved by its model_type, as in UperNet.
+        backbone = self.backbone_config
+        if backbone is None:
+            self.backbone_config = EfficientFormerV2Config(out_features=["stage1", "stage2", "stage3", "stage4"])
+        elif isinstance(backbone, dict) and backbone.get("model_type", EfficientFormerV2Config.model_type) == (
+            EfficientFormerV2Config.model_type
+        ):
+            self.backbone_config = EfficientFormerV2Config(**{k: v for k, v in backbone.items() if k != "model_type"})
+        elif isinstance(backbone, dict):
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            model_type = backbone["model_type"]
+            if model_type not in CONFIG_MAPPING:
+                raise ValueError(f"backbone_config has an unknown model_type {model_type!r}")
+            self.backbone_config = CONFIG_MAPPING[model_type].from_dict(backbone)
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
-        """Check the decoder widths against the backbone and the GroupNorm/resampler group counts."""
-        if len(self.decoder_stage_channels) != 4:
-            raise ValueError(f"decoder_stage_channels needs 4 entries (strides 4…32), got {self.decoder_stage_channels}")
-        widths = list(self.decoder_stage_channels) + [self.decoder_hidden_size]
-        for width in widths:
+        """Check the classes, the decoder widths against the backbone and the group counts they must divide."""
+        if self.num_labels < 2:
+            raise ValueError(
+                f"OffSeg needs num_labels >= 2, got {self.num_labels}: offset learning normalises the class scores "
+                "of each pixel with a LayerNorm over the classes, which is constant for one class. For binary "
+                "segmentation use num_labels=2 (background, foreground)."
+            )
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
+        stages = self.decoder_stage_channels
+        if len(stages) != 4:
+            raise ValueError(f"decoder_stage_channels needs 4 entries (strides 4…32), got {stages}")
+        out_features = getattr(self.backbone_config, "out_features", None)
+        if out_features is not None and len(out_features) != len(stages):
+            raise ValueError(
+                f"the backbone returns {len(out_features)} feature maps ({out_features}) but decoder_stage_channels "
+                f"has {len(stages)} entries; the decoder needs the four maps of strides 4, 8, 16 and 32"
+            )
+        for width in stages + [self.decoder_hidden_size]:
             if width % self.decoder_num_groups:
                 raise ValueError(
                     f"decoder width {width} is not divisible by decoder_num_groups={self.decoder_num_groups}"
                 )
+        groups = self.freqfusion_resample_groups
+        for width in stages:
+            if width % groups:
+                raise ValueError(
+                    f"decoder stage width {width} is not divisible by freqfusion_resample_groups={groups} "
+                    "(the resampler groups and the interleaved concatenation split channels into that many blocks)"
+                )
+        high_resolution, low_resolution = stages[-2::-1], stages[-1]
+        for hr_channels in high_resolution:
+            compressed = (hr_channels + low_resolution) // 4
+            if compressed < 8 or compressed % (compressed // 8):
+                raise ValueError(
+                    f"FreqFusion of {hr_channels} + {low_resolution} channels compresses to {compressed}, which its "
+                    f"resampler's GroupNorm({compressed} // 8, {compressed}) cannot normalise; widen decoder_stage_channels"
+                )
+            low_resolution += hr_channels
+        for name in ("freqfusion_lowpass_kernel", "freqfusion_highpass_kernel", "freqfusion_encoder_kernel", "freqfusion_sampler_kernel"):
+            if getattr(self, name) % 2 == 0:
+                raise ValueError(f"{name} must be odd, got {getattr(self, name)}")
 
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> "OffSegConfig":
@@ -220,17 +279,13 @@ class OffSegConfig(PreTrainedConfig):
         if key not in OFFSEG_PRESETS:
             raise ValueError(f"unknown OffSeg preset {preset!r}; choose one of {sorted(OFFSEG_PRESETS)}")
         spec = OFFSEG_PRESETS[key]
-        backbone_kwargs = kwargs.pop("backbone_kwargs", {})
+        backbone_kwargs = {"out_features": ["stage1", "stage2", "stage3", "stage4"], **kwargs.pop("backbone_kwargs", {})}
         kwargs.setdefault("decoder_stage_channels", list(spec["decoder_stage_channels"]))
         backbone = EfficientFormerV2Config.from_variant(spec["backbone_variant"], **backbone_kwargs)
         return cls(backbone_config=backbone, **kwargs)
 
 
-# Registered here, not only in the package __init__: a nested ``backbone_config`` dict is resolved through
-# AutoConfig by model_type, also when these files run as Hub remote code without the package installed.
-AutoConfig.register(EfficientFormerV2Config.model_type, EfficientFormerV2Config, exist_ok=True)
-AutoConfig.register(OffSegConfig.model_type, OffSegConfig, exist_ok=True)
 EfficientFormerV2Config.register_for_auto_class()
 OffSegConfig.register_for_auto_class()
 
-__all__ = ["EfficientFormerV2Config", "OffSegConfig", "EFFICIENTFORMER_V2_VARIANTS", "OFFSEG_PRESETS"]
+__all__ = ["CLASSIFIERS", "EfficientFormerV2Config", "OffSegConfig", "EFFICIENTFORMER_V2_VARIANTS", "OFFSEG_PRESETS"]

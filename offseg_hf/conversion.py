@@ -999,7 +999,9 @@ def convert_backbone_checkpoint(
     _check_output_dir(output_dir, overwrite)
     state_dict, _ = _loaded if _loaded is not None else read_checkpoint(checkpoint)
     variant = detect_backbone_variant(state_dict)
-    backbone = EfficientFormerV2Backbone(EfficientFormerV2Config.from_variant(variant)).eval()
+    # A segmentation backbone to start OffSeg training from: all four stages out.
+    config = EfficientFormerV2Config.from_variant(variant, out_features=["stage1", "stage2", "stage3", "stage4"])
+    backbone = EfficientFormerV2Backbone(config).eval()
     try:
         report = load_imagenet_backbone_weights(backbone, state_dict, attention_biases=attention_biases)
     except ConversionError as error:

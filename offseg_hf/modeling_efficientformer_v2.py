@@ -17,8 +17,8 @@ Inputs must have sides divisible by 32 (the stage-3 attention halves an even gri
 
 from __future__ import annotations
 
-import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,31 +28,31 @@ from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput
-from transformers.modeling_utils import PreTrainedModel
-from transformers.models.auto.modeling_auto import AutoBackbone
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_offseg import EfficientFormerV2Config
 
 
 def relative_position_index(query_grid: int, key_grid: int) -> tuple[torch.Tensor, int]:
-    """Index of the bias of every (query, key) pair in a table of distinct relative offsets.
+    """Index of the bias of every (query, key) pair in the table of relative offsets ``(|Δy|, |Δx|)``.
 
-    Queries sit on a ``query_grid × query_grid`` lattice with spacing ``key_grid / query_grid`` (1 for
-    self-attention, 2 for the downsampling attention) over a ``key_grid × key_grid`` key lattice; the offset of
-    a pair is ``(|Δy|, |Δx|)``, and offsets get table slots in order of first appearance (the reference order).
+    Queries sit on a ``query_grid × query_grid`` lattice with spacing ``s = ⌈key_grid / query_grid⌉`` (1 for
+    self-attention, 2 for the downsampling attention) over a ``key_grid × key_grid`` key lattice. The offset of
+    a pair is ``(|s·q_y − k_y|, |s·q_x − k_x|)`` and sits in slot ``|Δy|·key_grid + |Δx|`` — the reference's
+    "order of first appearance", which the query at the origin fixes to exactly this raster order.
 
     Returns:
-        `(index, table_size)`: `index` of shape `(query_grid**2, key_grid**2)` (int64) and the number of slots.
+        `(index, table_size)`: `index` of shape `(query_grid**2, key_grid**2)` (int64), ``table_size = key_grid**2``.
     """
     stride = math.ceil(key_grid / query_grid)
-    offsets: dict[tuple[int, int], int] = {}
-    index = []
-    keys = list(itertools.product(range(key_grid), range(key_grid)))
-    for qy, qx in itertools.product(range(query_grid), range(query_grid)):
-        for ky, kx in keys:
-            offset = (abs(qy * stride - ky), abs(qx * stride - kx))
-            index.append(offsets.setdefault(offset, len(offsets)))
-    return torch.tensor(index, dtype=torch.long).view(query_grid**2, key_grid**2), len(offsets)
+    query = torch.stack(torch.meshgrid(torch.arange(query_grid), torch.arange(query_grid), indexing="ij")).flatten(1)
+    key = torch.stack(torch.meshgrid(torch.arange(key_grid), torch.arange(key_grid), indexing="ij")).flatten(1)
+    offset = (stride * query[:, :, None] - key[:, None, :]).abs()  # (2, N_q, N_k): |Δy|, |Δx|
+    return offset[0] * key_grid + offset[1], key_grid**2
 
 
 class EfficientFormerV2ConvNorm(nn.Sequential):
@@ -69,10 +69,10 @@ class EfficientFormerV2ConvNorm(nn.Sequential):
 class EfficientFormerV2RelativePositionBias(nn.Module):
     """Learned relative-position bias added to attention logits, resized to the actual token counts.
 
-    The table ``attention_biases`` (heads × distinct offsets) is gathered into a `(heads, N_q, N_k)` matrix for
-    the layout resolution; for other token counts that matrix is resized bicubically (align_corners=False).
-    In eval mode with gradients disabled the resized matrix is cached per (size, device, dtype, weights
-    version), so it follows ``.to()`` and weight loading.
+    The table ``attention_biases`` (heads × distinct offsets) is gathered into a `(heads, N_q, N_k)` matrix laid
+    out for the layout resolution, which is then resized bicubically (align_corners=False) to the actual
+    `(N_q, N_k)` as if it were an image. The resize is always applied (it is the identity, bit for bit, at the
+    layout resolution), so the function has no branch on the input size and exports with dynamic shapes.
     """
 
     def __init__(self, num_heads: int, query_grid: int, key_grid: int):
@@ -81,24 +81,31 @@ class EfficientFormerV2RelativePositionBias(nn.Module):
         self.query_grid, self.key_grid = query_grid, key_grid
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size))
         self.register_buffer("attention_bias_idxs", index, persistent=False)
-        self._cache: tuple | None = None
-
-    def reset_index(self):
-        """Recompute the (non-persistent) index buffer, e.g. after meta-device initialisation."""
-        init.copy_(self.attention_bias_idxs, relative_position_index(self.query_grid, self.key_grid)[0])
 
     def forward(self, num_queries: int, num_keys: int) -> torch.Tensor:
         """Returns the bias of shape `(1, heads, num_queries, num_keys)`."""
-        use_cache = not self.training and not torch.is_grad_enabled()
-        table = self.attention_biases
-        key = (num_queries, num_keys, table.device, table.dtype, table.data_ptr(), table._version)
-        if use_cache and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        bias = table[:, self.attention_bias_idxs].unsqueeze(0)
-        if bias.shape[-2:] != (num_queries, num_keys):
-            bias = F.interpolate(bias, size=(num_queries, num_keys), mode="bicubic", align_corners=False)
-        self._cache = (key, bias) if use_cache else None
-        return bias
+        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)
+        return F.interpolate(bias, size=(num_queries, num_keys), mode="bicubic", align_corners=False)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q kᵀ · scaling + bias) v``: `(B, heads, N_q, d)`, `(B, heads, N_k, d)`, `(B, heads, N_k, d_v)` →
+    output `(B, N_q, heads, d_v)` and weights `(B, heads, N_q, N_k)` (the additive bias is ``attention_mask``)."""
+    attention = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attention = attention + attention_mask
+    attention = attention.softmax(dim=-1)
+    attention = F.dropout(attention, p=dropout, training=module.training)
+    return torch.matmul(attention, value).transpose(1, 2).contiguous(), attention
 
 
 class EfficientFormerV2Attention(nn.Module):
@@ -136,7 +143,9 @@ class EfficientFormerV2Attention(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.proj = EfficientFormerV2ConvNorm(value_dim, dim, eps=eps)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, C, H, W)` → output `(B, C, H, W)` and attention weights `(B, heads, N, N)` (after ``talking_head2``,
+        i.e. the weights that multiply the values; N = tokens of the attention grid)."""
         if self.stride_conv is not None:
             hidden_states = self.stride_conv(hidden_states)
         batch, _, height, width = hidden_states.shape
@@ -147,12 +156,14 @@ class EfficientFormerV2Attention(nn.Module):
         value_local = self.v_local(value)
         value = value.reshape(batch, self.num_heads, -1, tokens).transpose(2, 3)
 
+        # Talking heads mix the heads before and after the softmax, so this is not a plain softmax attention
+        # and always runs eagerly (the downsampling attention below uses Transformers' attention interface).
         attention = (query @ key) * self.scale + self.relative_position(tokens, tokens)
         attention = self.talking_head2(self.talking_head1(attention).softmax(dim=-1))
         context = (attention @ value).transpose(2, 3).reshape(batch, -1, height, width) + value_local
         if self.upsample is not None:
             context = self.upsample(context)
-        return self.proj(self.act(context))
+        return self.proj(self.act(context)), attention
 
 
 class EfficientFormerV2LocalGlobalQuery(nn.Module):
@@ -180,8 +191,10 @@ class EfficientFormerV2AttentionDownsample(nn.Module):
     def __init__(self, config: EfficientFormerV2Config, dim: int, out_dim: int, grid: int):
         super().__init__()
         heads, key_dim = config.downsample_num_attention_heads, config.downsample_key_dim
+        self.config = config
         self.num_heads = heads
         self.scale = key_dim**-0.5
+        self.is_causal = False
         value_dim = config.attention_ratio * key_dim * heads
         eps = config.batch_norm_eps
         self.q = EfficientFormerV2LocalGlobalQuery(dim, key_dim * heads, eps)
@@ -192,19 +205,26 @@ class EfficientFormerV2AttentionDownsample(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.proj = EfficientFormerV2ConvNorm(value_dim, out_dim, eps=eps)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(B, C, H, W)` → output `(B, C_out, H/2, W/2)` and attention weights `(B, heads, HW/4, HW)` (eager only)."""
         batch, _, height, width = hidden_states.shape
         num_keys, num_queries = height * width, (height // 2) * (width // 2)
         query = self.q(hidden_states).reshape(batch, self.num_heads, -1, num_queries).transpose(2, 3)
-        key = self.k(hidden_states).reshape(batch, self.num_heads, -1, num_keys)
+        key = self.k(hidden_states).reshape(batch, self.num_heads, -1, num_keys).transpose(2, 3)
         value = self.v(hidden_states)
         value_local = self.v_local(value)
         value = value.reshape(batch, self.num_heads, -1, num_keys).transpose(2, 3)
 
-        attention = (query @ key) * self.scale + self.relative_position(num_queries, num_keys)
-        attention = attention.softmax(dim=-1)
-        context = (attention @ value).transpose(2, 3).reshape(batch, -1, height // 2, width // 2) + value_local
-        return self.proj(self.act(context))
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        context, attention = attention_interface(
+            self, query, key, value, self.relative_position(num_queries, num_keys), scaling=self.scale, **kwargs
+        )  # context: (B, N_q, heads, d_v)
+        context = context.permute(0, 2, 3, 1).reshape(batch, -1, height // 2, width // 2) + value_local
+        return self.proj(self.act(context)), attention
 
 
 class EfficientFormerV2Downsample(nn.Module):
@@ -220,11 +240,18 @@ class EfficientFormerV2Downsample(nn.Module):
             EfficientFormerV2AttentionDownsample(config, in_dim, out_dim, grid) if use_attention else None
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         output = self.conv(hidden_states)
         if self.attention is not None:
-            output = self.attention(hidden_states) + output
+            output = self.attention(hidden_states, **kwargs)[0] + output
         return output
+
+
+class EfficientFormerV2PointwiseConv(nn.Conv2d):
+    """1×1 convolution of the MLP (a type of its own: it gets the truncated-normal init)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
 
 
 class EfficientFormerV2Mlp(nn.Module):
@@ -233,12 +260,11 @@ class EfficientFormerV2Mlp(nn.Module):
     def __init__(self, config: EfficientFormerV2Config, dim: int, hidden_dim: int):
         super().__init__()
         eps = config.batch_norm_eps
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.fc1 = EfficientFormerV2PointwiseConv(dim, hidden_dim)
         self.norm1 = nn.BatchNorm2d(hidden_dim, eps=eps)
         self.depthwise = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
         self.depthwise_norm = nn.BatchNorm2d(hidden_dim, eps=eps)
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
-        self.fc1.init_scheme = self.fc2.init_scheme = "trunc_normal"
+        self.fc2 = EfficientFormerV2PointwiseConv(hidden_dim, dim)
         self.norm2 = nn.BatchNorm2d(dim, eps=eps)
         self.act = ACT2FN[config.hidden_act]
 
@@ -294,7 +320,7 @@ class EfficientFormerV2Block(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.attention is not None:
-            hidden_states = hidden_states + self.drop_path(self.layer_scale_1 * self.attention(hidden_states))
+            hidden_states = hidden_states + self.drop_path(self.layer_scale_1 * self.attention(hidden_states)[0])
         return hidden_states + self.drop_path(self.layer_scale_2 * self.mlp(hidden_states))
 
 
@@ -340,9 +366,9 @@ class EfficientFormerV2Stage(nn.Module):
             for index in range(depth)
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         if self.downsample is not None:
-            hidden_states = self.downsample(hidden_states)
+            hidden_states = self.downsample(hidden_states, **kwargs)
         for block in self.blocks:
             hidden_states = block(hidden_states)
         return hidden_states
@@ -356,21 +382,28 @@ class EfficientFormerV2PreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["EfficientFormerV2Stage"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {
+        # The first stage's input is the stem output: hidden_states = (stem, stage1, …, stage4).
+        "hidden_states": OutputRecorder(EfficientFormerV2Stage),
+        "attentions": [
+            OutputRecorder(EfficientFormerV2Attention, index=1),
+            OutputRecorder(EfficientFormerV2AttentionDownsample, index=1),
+        ],
+    }
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Reference init: MLP 1×1 convs truncated-normal, other convs PyTorch default, BN (1, 0), layer scales
-        ``layer_scale_init_value``, attention biases 0.
-
-        Transformers skips modules without parameters of their own, so the scheme of a conv is read from the
-        ``init_scheme`` attribute its parent sets on it rather than decided at the parent.
-        """
-        if isinstance(module, nn.Conv2d):
-            if getattr(module, "init_scheme", None) == "trunc_normal":
-                init.trunc_normal_(module.weight, std=self.config.initializer_range)
-                init.zeros_(module.bias)
-            else:
-                module.reset_parameters()
+        """Reference init: MLP 1×1 convs truncated normal (std ``initializer_range``, bias 0), other convs PyTorch's
+        default, BatchNorm (1, 0), layer scales ``layer_scale_init_value``, attention biases 0."""
+        if isinstance(module, EfficientFormerV2PointwiseConv):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            module.reset_parameters()
         elif isinstance(module, nn.BatchNorm2d):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -379,7 +412,7 @@ class EfficientFormerV2PreTrainedModel(PreTrainedModel):
             init.zeros_(module.num_batches_tracked)
         elif isinstance(module, EfficientFormerV2RelativePositionBias):
             init.zeros_(module.attention_biases)
-            module.reset_index()
+            init.copy_(module.attention_bias_idxs, relative_position_index(module.query_grid, module.key_grid)[0])
         elif isinstance(module, EfficientFormerV2Block):
             for scale in (module.layer_scale_1, module.layer_scale_2):
                 if scale is not None:
@@ -390,10 +423,12 @@ class EfficientFormerV2Backbone(BackboneMixin, EfficientFormerV2PreTrainedModel)
     """EfficientFormerV2 feature extractor: `pixel_values (B, 3, H, W)` with H, W divisible by 32 →
     feature maps of the selected stages, `(B, C_i, H / 2^(i+1), W / 2^(i+1))` for ``stage{i}``.
 
-    ``hidden_states`` (when requested) are the stem output followed by the four stage outputs.
+    ``hidden_states`` (``output_hidden_states=True``) are the stem output followed by the four stage outputs;
+    ``attentions`` (``output_attentions=True``) the weights of every attention block of stages 3 and 4 and of
+    the stage-3 → stage-4 downsampling attention, in order.
     """
 
-    has_attentions = False
+    has_attentions = True
 
     def __init__(self, config: EfficientFormerV2Config):
         super().__init__(config)
@@ -404,17 +439,15 @@ class EfficientFormerV2Backbone(BackboneMixin, EfficientFormerV2PreTrainedModel)
         self.stages = nn.ModuleList(EfficientFormerV2Stage(config, stage, rates) for stage in range(4))
         self.post_init()
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BackboneOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
+    @can_return_tuple
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(B, num_channels, H, W)`): images, H and W divisible by 32.
+
+        Returns `BackboneOutput` with `feature_maps` (one map per `out_features`), and `hidden_states` /
+        `attentions` when requested.
+        """
         height, width = pixel_values.shape[-2:]
         if height % 32 or width % 32:
             raise ValueError(
@@ -422,21 +455,11 @@ class EfficientFormerV2Backbone(BackboneMixin, EfficientFormerV2PreTrainedModel)
                 "pad the input (OffSegForSemanticSegmentation does this for you)"
             )
         hidden_states = self.embeddings(pixel_values)
-        all_hidden_states = [hidden_states]
-        for stage in self.stages:
-            hidden_states = stage(hidden_states)
-            all_hidden_states.append(hidden_states)
+        stage_outputs = {"stem": hidden_states}
+        for name, stage in zip(self.stage_names[1:], self.stages):
+            hidden_states = stage(hidden_states, **kwargs)
+            stage_outputs[name] = hidden_states
+        return BackboneOutput(feature_maps=tuple(stage_outputs[name] for name in self.out_features))
 
-        feature_maps = tuple(
-            state for name, state in zip(self.stage_names, all_hidden_states) if name in self.out_features
-        )
-        hidden = tuple(all_hidden_states) if output_hidden_states else None
-        if not return_dict:
-            return (feature_maps,) + ((hidden,) if output_hidden_states else ())
-        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden, attentions=None)
-
-
-AutoBackbone.register(EfficientFormerV2Config, EfficientFormerV2Backbone, exist_ok=True)
-EfficientFormerV2Backbone.register_for_auto_class("AutoBackbone")
 
 __all__ = ["EfficientFormerV2Backbone", "EfficientFormerV2PreTrainedModel"]

@@ -16,8 +16,6 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import initialization as init
-from transformers.models.auto.configuration_auto import AutoConfig
-from transformers.models.auto.modeling_auto import AutoModelForUniversalSegmentation
 from transformers.models.mask2former.configuration_mask2former import Mask2FormerConfig
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerForUniversalSegmentation,
@@ -114,10 +112,6 @@ class Mask2FormerOffsetForUniversalSegmentation(Mask2FormerForUniversalSegmentat
                 init.trunc_normal_(module.feature_offset_proj.weight, std=std)
 
 
-AutoConfig.register(Mask2FormerOffsetConfig.model_type, Mask2FormerOffsetConfig, exist_ok=True)
-AutoModelForUniversalSegmentation.register(
-    Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation, exist_ok=True
-)
 Mask2FormerOffsetConfig.register_for_auto_class()
 Mask2FormerOffsetForUniversalSegmentation.register_for_auto_class("AutoModelForUniversalSegmentation")
 

@@ -22,18 +22,19 @@ Parts, by paper name: :func:`carafe`, :class:`OffSegFreqFusion` (ALPF ``lowpass_
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithNoAttention, SemanticSegmenterOutput
+from transformers.backbone_utils import load_backbone
+from transformers.modeling_outputs import BaseModelOutput, SemanticSegmenterOutput
 from transformers.modeling_utils import PreTrainedModel
-from transformers.models.auto.modeling_auto import AutoModel, AutoModelForSemanticSegmentation
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
 
-from .configuration_offseg import OffSegConfig
+from .configuration_offseg import EfficientFormerV2Config, OffSegConfig
+from .loss import semantic_segmentation_loss
 from .modeling_efficientformer_v2 import EfficientFormerV2Backbone
 from .offset_learning import OffsetLearning
 
@@ -126,13 +127,29 @@ def neighbour_cosine_similarity(features: torch.Tensor, dilation: int = 2) -> to
     return torch.cat(similarities, dim=1).to(dtype)
 
 
+class OffSegProjectionConv(nn.Conv2d):
+    """1×1 convolution without bias of the decoder's conv blocks (Kaiming-normal init, fan_out, ReLU)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1, bias=False)
+
+
+class OffSegKernelEncoder(nn.Conv2d):
+    """FreqFusion's filter generator: predicts a k×k CARAFE kernel per pixel, `(B, C, H, W) -> (B, k², H, W)`.
+
+    Initialised N(0, 0.001) (bias 0), so that the first kernels are nearly uniform.
+    """
+
+    def __init__(self, in_channels: int, kernel_size: int, encoder_kernel: int):
+        super().__init__(in_channels, kernel_size**2, encoder_kernel, padding=encoder_kernel // 2)
+
+
 class OffSegConvNormAct(nn.Module):
     """1×1 convolution (no bias) → GroupNorm → ReLU: `(B, C_in, H, W) -> (B, C_out, H, W)`."""
 
     def __init__(self, in_channels: int, out_channels: int, num_groups: int):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        self.conv.init_scheme = "kaiming"
+        self.conv = OffSegProjectionConv(in_channels, out_channels)
         self.norm = nn.GroupNorm(num_groups, out_channels, eps=1e-5)
         self.act = nn.ReLU()
 
@@ -231,17 +248,11 @@ class OffSegFreqFusion(nn.Module):
         encoder_kernel = config.freqfusion_encoder_kernel
         self.hr_channel_compressor = nn.Conv2d(hr_channels, compressed, 1)
         self.lr_channel_compressor = nn.Conv2d(lr_channels, compressed, 1)
-        self.lowpass_encoder = nn.Conv2d(
-            compressed, self.lowpass_kernel**2, encoder_kernel, padding=encoder_kernel // 2
+        self.lowpass_encoder = OffSegKernelEncoder(compressed, self.lowpass_kernel, encoder_kernel)
+        self.highpass_encoder = OffSegKernelEncoder(compressed, self.highpass_kernel, encoder_kernel)
+        self.resampler = OffSegSimilaritySampler(
+            compressed, config.freqfusion_resample_groups, config.freqfusion_sampler_kernel
         )
-        self.highpass_encoder = nn.Conv2d(
-            compressed, self.highpass_kernel**2, encoder_kernel, padding=encoder_kernel // 2
-        )
-        self.resampler = OffSegSimilaritySampler(compressed, config.freqfusion_resample_groups, encoder_kernel)
-        for conv in self.modules():
-            if isinstance(conv, nn.Conv2d):
-                conv.init_scheme = "xavier_uniform"
-        self.lowpass_encoder.init_scheme = self.highpass_encoder.init_scheme = "kernel_encoder"
 
     def forward(self, hr_features: torch.Tensor, lr_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low_k, high_k = self.lowpass_kernel, self.highpass_kernel
@@ -273,12 +284,12 @@ class OffSegFreqFusion(nn.Module):
         return hr_features, lr_upsampled
 
 
-def interleave_channels(first: torch.Tensor, second: torch.Tensor, chunks: int = 4) -> torch.Tensor:
+def interleave_channels(first: torch.Tensor, second: torch.Tensor, chunks: int) -> torch.Tensor:
     """Concatenate two maps in ``chunks`` interleaved channel blocks.
 
     `(B, C1, H, W), (B, C2, H, W) -> (B, C1 + C2, H, W)` ordered ``[a0, b0, a1, b1, …]`` where ``a_i``/``b_i``
-    are the i-th of ``chunks`` equal channel blocks of each input (this is how the reference concatenates,
-    so that FreqFusion's 4 resampling groups stay aligned with channel blocks).
+    are the i-th of ``chunks`` equal channel blocks of each input (this is how the reference concatenates, with
+    ``chunks`` = FreqFusion's resampling groups, so that the groups stay aligned with channel blocks).
     """
     batch, _, height, width = first.shape
     return torch.cat(
@@ -297,6 +308,7 @@ class OffSegDecoder(nn.Module):
     def __init__(self, config: OffSegConfig, in_channels: list[int]):
         super().__init__()
         stage_channels = config.decoder_stage_channels
+        self.chunks = config.freqfusion_resample_groups
         self.stage_projections = nn.ModuleList(
             OffSegConvNormAct(cin, cout, config.decoder_num_groups) for cin, cout in zip(in_channels, stage_channels)
         )
@@ -314,11 +326,19 @@ class OffSegDecoder(nn.Module):
         fused = projected[-1]
         for fusion, hr_features in zip(self.fusions, reversed(projected[:-1])):
             hr_features, lr_upsampled = fusion(hr_features, fused)
-            fused = interleave_channels(hr_features, lr_upsampled)
+            fused = interleave_channels(hr_features, lr_upsampled, self.chunks)
         return fused
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.align(self.fuse(features))
+
+
+class OffSegPerPixelClassifier(nn.Conv2d):
+    """The per-pixel classifier ``M = W·Eᵀ`` (paper Eq. 1; Table 6's baseline): a 1×1 convolution with bias,
+    `(B, C, H, W) -> (B, K, H, W)`, initialised N(0, 0.01) as the reference ``conv_seg``."""
+
+    def __init__(self, hidden_size: int, num_labels: int):
+        super().__init__(hidden_size, num_labels, 1)
 
 
 class OffSegPreTrainedModel(PreTrainedModel):
@@ -329,28 +349,32 @@ class OffSegPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["EfficientFormerV2Stage", "OffSegFreqFusion"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Reference init of the decoder (the backbone initialises itself):
+        """Reference init of the decoder and classifier (the backbone initialises itself):
 
-        * 1×1 conv blocks: Kaiming normal (fan_out, ReLU), norms (1, 0);
-        * FreqFusion: Xavier-uniform for every conv (bias 0), except N(0, 0.001) for both kernel encoders;
-        * offset learning: truncated normal (std ``offset_learning_init_std``) for W and both projections.
-
-        Transformers skips modules without parameters of their own, so a conv's scheme is read from the
-        ``init_scheme`` attribute its parent sets on it.
+        * 1×1 conv blocks (:class:`OffSegProjectionConv`): Kaiming normal (fan_out, ReLU), GroupNorm (1, 0);
+        * FreqFusion: N(0, 0.001) for both filter generators (:class:`OffSegKernelEncoder`), Xavier-uniform
+          (bias 0) for its other convolutions — every plain ``nn.Conv2d`` of the decoder;
+        * offset learning: truncated normal (std ``offset_learning_init_std``) for W and both projections,
+          LayerNorm (1, 0); per-pixel classifier: N(0, 0.01), bias 0.
         """
-        if isinstance(module, nn.Conv2d):
-            scheme = getattr(module, "init_scheme", None)
-            if scheme == "kaiming":
-                init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif scheme == "xavier_uniform":
-                init.xavier_uniform_(module.weight)
-            elif scheme == "kernel_encoder":
-                init.normal_(module.weight, std=0.001)
-            if module.bias is not None and scheme is not None:
-                init.zeros_(module.bias)
+        if isinstance(module, OffSegProjectionConv):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, OffSegKernelEncoder):
+            init.normal_(module.weight, std=0.001)
+            init.zeros_(module.bias)
+        elif isinstance(module, OffSegPerPixelClassifier):
+            init.normal_(module.weight, std=0.01)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.xavier_uniform_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -374,28 +398,32 @@ class OffSegModel(OffSegPreTrainedModel):
     """Backbone + decoder without the classifier.
 
     `pixel_values (B, 3, H, W)` (any H, W) → ``last_hidden_state``: the aligned feature E,
-    `(B, decoder_hidden_size, ⌈H/4⌉, ⌈W/4⌉)`; ``hidden_states`` (on request): stem and the four backbone
-    stage outputs (computed on the input padded to a multiple of 32).
+    `(B, decoder_hidden_size, ⌈H/4⌉, ⌈W/4⌉)`; ``hidden_states`` / ``attentions`` (on request): those of the
+    backbone (for EfficientFormerV2: stem and the four stage outputs, computed on the input padded to a multiple
+    of 32; the weights of every attention block).
+
+    The backbone is EfficientFormerV2 (the paper) or any Transformers backbone (``load_backbone``) whose four
+    feature maps have strides 4, 8, 16 and 32.
     """
 
     def __init__(self, config: OffSegConfig):
         super().__init__(config)
-        backbone_config = config.backbone_config  # the config fills in EfficientFormerV2-S1 when none is given
-        self.backbone = EfficientFormerV2Backbone(backbone_config)
-        self.decoder = OffSegDecoder(config, list(backbone_config.hidden_sizes))
+        # EfficientFormerV2 is built directly: a saved folder then also loads as remote code, where nothing
+        # registers it with AutoBackbone (and where its config class may come from another dynamic module).
+        if config.backbone_config.model_type == EfficientFormerV2Config.model_type:
+            self.backbone = EfficientFormerV2Backbone(config.backbone_config)
+        else:
+            self.backbone = load_backbone(config)
+        self.decoder = OffSegDecoder(config, list(self.backbone.channels))
         self.post_init()
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithNoAttention | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutput:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(B, 3, H, W)`): normalised images of any size.
+
+        Returns `BaseModelOutput` with the aligned feature E as `last_hidden_state`, `(B, C, ⌈H/4⌉, ⌈W/4⌉)`.
+        """
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
         expected_channels = self.backbone.config.num_channels
@@ -405,24 +433,23 @@ class OffSegModel(OffSegPreTrainedModel):
                 f"(shape {tuple(pixel_values.shape)})"
             )
         height, width = pixel_values.shape[-2:]
-        backbone_outputs = self.backbone(
-            pad_to_multiple(pixel_values), output_hidden_states=output_hidden_states, return_dict=True
-        )
+        backbone_outputs = self.backbone(pad_to_multiple(pixel_values), return_dict=True, **kwargs)
         features = self.decoder(list(backbone_outputs.feature_maps))
-        features = features[..., : math.ceil(height / 4), : math.ceil(width / 4)]
-        hidden_states = backbone_outputs.hidden_states if output_hidden_states else None
-        if not return_dict:
-            return (features,) + ((hidden_states,) if output_hidden_states else ())
-        return BaseModelOutputWithNoAttention(last_hidden_state=features, hidden_states=hidden_states)
+        features = features[..., : -(-height // 4), : -(-width // 4)]  # ⌈H/4⌉ × ⌈W/4⌉: the padding cropped off
+        return BaseModelOutput(
+            last_hidden_state=features,
+            hidden_states=backbone_outputs.hidden_states,
+            attentions=backbone_outputs.attentions,
+        )
 
 
 class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
     """OffSeg for semantic segmentation: `pixel_values (B, 3, H, W)` → logits `(B, K, ⌈H/4⌉, ⌈W/4⌉)`.
 
     Any input size works: the input is zero-padded to a multiple of 32 and the features are cropped back
-    before offset learning. With ``labels (B, H_l, W_l)`` the loss is the cross-entropy of the logits
-    bilinearly upsampled to the label size, ignoring ``config.semantic_loss_ignore_index`` (binary
-    cross-entropy on valid pixels when ``num_labels == 1``, as in SegFormer).
+    before the classifier (offset learning, or the per-pixel baseline with ``classifier="per_pixel"``). With
+    ``labels (B, H_l, W_l)`` the loss is the cross-entropy of the logits bilinearly upsampled to the label size,
+    ignoring ``config.semantic_loss_ignore_index``.
 
     Example:
 
@@ -438,57 +465,42 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
         super().__init__(config)
         self.offseg = OffSegModel(config)
         self.dropout = nn.Dropout(config.classifier_dropout_prob)
-        self.offset_learning = OffsetLearning(config.decoder_hidden_size, config.num_labels)
+        if config.classifier == "offset_learning":
+            self.offset_learning = OffsetLearning(config.decoder_hidden_size, config.num_labels)
+        else:
+            self.classifier = OffSegPerPixelClassifier(config.decoder_hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> SemanticSegmenterOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.offseg(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.offset_learning(self.dropout(outputs.last_hidden_state))
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SemanticSegmenterOutput:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(B, 3, H, W)`): normalised images of any size.
+        labels (`torch.LongTensor` of shape `(B, H_l, W_l)`, *optional*): class indices; pixels equal to
+            `config.semantic_loss_ignore_index` are ignored. Label values are validated where the data enter
+            (datasets, collator), not here, so that the loss needs no device synchronisation.
 
+        Returns `SemanticSegmenterOutput` with `logits (B, K, ⌈H/4⌉, ⌈W/4⌉)` (+ `loss`, and the backbone's
+        `hidden_states` / `attentions` when requested).
+        """
+        outputs = self.offseg(pixel_values, **kwargs)
+        features = self.dropout(outputs.last_hidden_state)
+        head = self.offset_learning if self.config.classifier == "offset_learning" else self.classifier
+        logits = head(features)
         loss = None
         if labels is not None:
-            loss = self.compute_loss(logits, labels)
-        if not return_dict:
-            output = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
-        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-
-    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of `logits (B, K, h, w)` upsampled bilinearly to `labels (B, H, W)`."""
-        if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
-            raise ValueError(
-                f"labels must be (batch, height, width) with batch {logits.shape[0]}, got shape {tuple(labels.shape)}"
-            )
-        ignore_index = self.config.semantic_loss_ignore_index
-        labels = labels.long()
-        num_labels = self.config.num_labels
-        invalid = (labels != ignore_index) & ((labels < 0) | (labels >= max(num_labels, 2)))
-        if invalid.any():
-            bad = sorted(set(labels[invalid].unique().tolist()))[:10]
-            raise ValueError(
-                f"labels contain values {bad} outside [0, {num_labels - 1}] that are not the ignore index "
-                f"{ignore_index}; check the dataset's label mapping (e.g. reduce_labels for ADE20K)"
-            )
-        upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        if num_labels > 1:
-            return CrossEntropyLoss(ignore_index=ignore_index)(upsampled, labels)
-        valid = (labels >= 0) & (labels != ignore_index)
-        loss = BCEWithLogitsLoss(reduction="none")(upsampled.squeeze(1), labels.float())
-        return (loss * valid.float()).mean()
+            loss = semantic_segmentation_loss(logits, labels, self.config.semantic_loss_ignore_index)
+        return SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
-AutoModel.register(OffSegConfig, OffSegModel, exist_ok=True)
-AutoModelForSemanticSegmentation.register(OffSegConfig, OffSegForSemanticSegmentation, exist_ok=True)
 # save_pretrained writes an ``auto_map`` and copies these files, so a saved folder also loads with
-# ``trust_remote_code=True`` where offseg_hf is not installed.
+# ``trust_remote_code=True`` where offseg_hf is not installed. The Auto* registrations live in the package.
 OffSegModel.register_for_auto_class("AutoModel")
 OffSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 
@@ -496,8 +508,11 @@ __all__ = [
     "OffSegDecoder",
     "OffSegForSemanticSegmentation",
     "OffSegFreqFusion",
+    "OffSegKernelEncoder",
     "OffSegModel",
+    "OffSegPerPixelClassifier",
     "OffSegPreTrainedModel",
+    "OffSegProjectionConv",
     "OffSegSimilaritySampler",
     "carafe",
     "interleave_channels",

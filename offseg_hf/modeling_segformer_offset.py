@@ -22,21 +22,20 @@ from __future__ import annotations
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss
 from transformers import initialization as init
 from transformers.backbone_utils import filter_output_hidden_states
-from transformers.conversion_mapping import WeightRenaming, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import SemanticSegmenterOutput
-from transformers.models.auto.configuration_auto import AutoConfig
-from transformers.models.auto.modeling_auto import AutoModelForSemanticSegmentation
 from transformers.models.segformer.configuration_segformer import SegformerConfig
 from transformers.models.segformer.modeling_segformer import (
     SegformerMLP,
     SegformerModel,
     SegformerPreTrainedModel,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
+from .loss import semantic_segmentation_loss
 from .offset_learning import OffsetLearning
 
 DECODE_HEAD_STYLES = ("transformers", "reference")
@@ -77,7 +76,13 @@ class SegformerOffsetConfig(SegformerConfig):
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
-        """Check the offset-learning fields."""
+        """Check the classes and the offset-learning fields."""
+        if self.num_labels < 2:
+            raise ValueError(
+                f"SegFormer + offset learning needs num_labels >= 2, got {self.num_labels}: offset learning normalises "
+                "the class scores of each pixel with a LayerNorm over the classes, which is constant for one class. "
+                "For binary segmentation use num_labels=2 (background, foreground)."
+            )
         if self.decode_head_style not in DECODE_HEAD_STYLES:
             raise ValueError(
                 f"decode_head_style must be one of {DECODE_HEAD_STYLES}, got {self.decode_head_style!r}"
@@ -95,13 +100,19 @@ class SegformerOffsetConfig(SegformerConfig):
         return cls(**fields)
 
 
+class SegformerOffsetProjectionConv(nn.Conv2d):
+    """1×1 convolution without bias of the reference head's blocks (Kaiming-normal init, fan_out, ReLU)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=False)
+
+
 class SegformerOffsetConvNormAct(nn.Module):
     """1×1 conv (no bias) + BatchNorm + ReLU: `(B, C_in, H, W) -> (B, C_out, H, W)` (reference head blocks)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.conv.init_scheme = "kaiming"  # read by _init_weights (Transformers skips parameter-less parents)
+        self.conv = SegformerOffsetProjectionConv(in_channels, out_channels)
         self.batch_norm = nn.BatchNorm2d(out_channels)
         self.activation = nn.ReLU()
 
@@ -167,25 +178,6 @@ class SegformerOffsetDecodeHead(nn.Module):
         return self.offset_learning(self.dropout(self.pooled(encoder_hidden_states)))
 
 
-def semantic_segmentation_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_labels: int, ignore_index: int
-) -> torch.Tensor:
-    """SegFormer's loss: cross-entropy of `logits (B, K, h, w)` bilinearly upsampled to `labels (B, H, W)`.
-
-    Pixels equal to ``ignore_index`` do not count; with one label, binary cross-entropy on the valid pixels.
-    """
-    if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"labels must be (batch, height, width) with batch {logits.shape[0]}, got shape {tuple(labels.shape)}"
-        )
-    upsampled = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    if num_labels > 1:
-        return CrossEntropyLoss(ignore_index=ignore_index)(upsampled, labels.long())
-    valid = ((labels >= 0) & (labels != ignore_index)).float()
-    loss = BCEWithLogitsLoss(reduction="none")(upsampled.squeeze(1), labels.float())
-    return (loss * valid).mean()
-
-
 class SegformerOffsetForSemanticSegmentation(SegformerPreTrainedModel):
     """SegFormer (MiT encoder + all-MLP decoder) with offset learning: `pixel_values (B, 3, H, W)` → logits
     `(B, K, H/8, W/8)` (`H/4` with ``offset_learning_pool_size=1``).
@@ -226,7 +218,7 @@ class SegformerOffsetForSemanticSegmentation(SegformerPreTrainedModel):
             init.trunc_normal_(module.class_embeddings, std=std)
             init.trunc_normal_(module.class_offset_proj.weight, std=std)
             init.trunc_normal_(module.feature_offset_proj.weight, std=std)
-        elif isinstance(module, nn.Conv2d) and getattr(module, "init_scheme", None) == "kaiming":
+        elif isinstance(module, SegformerOffsetProjectionConv):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         else:
             super()._init_weights(module)
@@ -237,7 +229,7 @@ class SegformerOffsetForSemanticSegmentation(SegformerPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SemanticSegmenterOutput:
         r"""
         pixel_values (`torch.Tensor` of shape `(B, 3, H, W)`): normalised images.
@@ -247,31 +239,18 @@ class SegformerOffsetForSemanticSegmentation(SegformerPreTrainedModel):
         Returns `SemanticSegmenterOutput` with `logits (B, K, H/8, W/8)` (+ `loss`, and the encoder stage outputs as
         `hidden_states` when `output_hidden_states=True`).
         """
-        if labels is not None and self.config.num_labels < 1:
-            raise ValueError(f"Number of labels should be >=1: {self.config.num_labels}")
         outputs = self.segformer(pixel_values, **kwargs)
         logits = self.decode_head(outputs.hidden_states)
         loss = None
         if labels is not None:
-            loss = semantic_segmentation_loss(
-                logits, labels, self.config.num_labels, self.config.semantic_loss_ignore_index
-            )
+            loss = semantic_segmentation_loss(logits, labels, self.config.semantic_loss_ignore_index)
         return SemanticSegmenterOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
 
-# Hub SegFormer checkpoints name the per-level projections ``decode_head.linear_c`` (transformers renames them
-# for its own class; the encoder's legacy names are handled by SegformerModel's mapping).
-register_checkpoint_conversion_mapping(
-    SegformerOffsetForSemanticSegmentation.__name__,
-    [WeightRenaming("decode_head.linear_c", "decode_head.linear_projections")],
-    overwrite=True,
-)
-AutoConfig.register(SegformerOffsetConfig.model_type, SegformerOffsetConfig, exist_ok=True)
-AutoModelForSemanticSegmentation.register(SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation, exist_ok=True)
-# A saved folder also carries this file (and its relative imports), so it loads with trust_remote_code=True
-# in an environment without offseg_hf.
+# save_pretrained writes an ``auto_map`` and copies this file (and its relative imports), so a saved folder also
+# loads with trust_remote_code=True without offseg_hf. The Auto* registrations live in the package.
 SegformerOffsetConfig.register_for_auto_class()
 SegformerOffsetForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 
@@ -282,5 +261,5 @@ __all__ = [
     "SegformerOffsetDecodeHead",
     "SegformerOffsetForSemanticSegmentation",
     "SegformerOffsetLinearProjection",
-    "semantic_segmentation_loss",
+    "SegformerOffsetProjectionConv",
 ]

@@ -373,9 +373,10 @@ def build_model(config: TrainConfig, id2label: dict[int, str]):
     from offseg_hf.configuration_offseg import OFFSEG_PRESETS
 
     label2id = {name: index for index, name in id2label.items()}
+    classifier = config.classifier.replace("-", "_")  # the config field's spelling: offset_learning / per_pixel
     if config.model.lower() in OFFSEG_PRESETS:
         model_config = OffSegConfig.from_preset(
-            config.model, num_labels=len(id2label), id2label=id2label, label2id=label2id
+            config.model, num_labels=len(id2label), id2label=id2label, label2id=label2id, classifier=classifier
         )
         model = OffSegForSemanticSegmentation(model_config)
     else:
@@ -383,8 +384,11 @@ def build_model(config: TrainConfig, id2label: dict[int, str]):
             config.model, num_labels=len(id2label), id2label=id2label, label2id=label2id,
             ignore_mismatched_sizes=True,
         )
-    if config.classifier == "per-pixel":
-        use_per_pixel_classifier(model)
+        if model.config.classifier != classifier:
+            raise ValueError(
+                f"{config.model} uses the {model.config.classifier!r} classifier but --classifier asks for "
+                f"{config.classifier!r}; start from a preset (offseg-t/b/l) to train the other variant"
+            )
     if config.backbone_weights:
         from offseg_hf import EfficientFormerV2Backbone
 
@@ -395,29 +399,6 @@ def build_model(config: TrainConfig, id2label: dict[int, str]):
                 f"{config.backbone_weights}: backbone weights do not match (missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]})"
             )
-    return model
-
-
-class PerPixelClassifier(nn.Module):
-    """The baseline of the paper's Table 6: a 1×1 convolution ``(B, C, H, W) -> (B, K, H, W)``."""
-
-    def __init__(self, hidden_size: int, num_labels: int):
-        super().__init__()
-        self.classifier = nn.Conv2d(hidden_size, num_labels, kernel_size=1)
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier(features)
-
-
-def use_per_pixel_classifier(model: nn.Module) -> nn.Module:
-    """Replace ``model.offset_learning`` by a :class:`PerPixelClassifier` (in place; returns the model).
-
-    For ablations only: the result does not save/load as an ``OffSegForSemanticSegmentation``.
-    """
-    config = model.config
-    model.offset_learning = PerPixelClassifier(config.decoder_hidden_size, config.num_labels)
     return model
 
 

@@ -70,7 +70,7 @@ def timm_s0_256(timm_s0):
 
 
 def new_backbone(variant: str = "s0") -> EfficientFormerV2Backbone:
-    return EfficientFormerV2Backbone(EfficientFormerV2Config.from_variant(variant)).eval()
+    return EfficientFormerV2Backbone(EfficientFormerV2Config.from_variant(variant, out_features=["stage1", "stage2", "stage3", "stage4"])).eval()
 
 
 def features(model, pixel_values):
@@ -253,7 +253,7 @@ def test_into_an_offseg_model(timm_s0):
     from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
 
     config = OffSegConfig.from_preset("offseg-t", num_labels=19, backbone_kwargs={})
-    config.backbone_config = EfficientFormerV2Config.from_variant("s0")
+    config.backbone_config = EfficientFormerV2Config.from_variant("s0", out_features=["stage1", "stage2", "stage3", "stage4"])
     model = OffSegForSemanticSegmentation(config)
     decoder_before = {k: v.clone() for k, v in model.offseg.decoder.state_dict().items()}
     load_imagenet_backbone_weights(model, timm_s0.state_dict())

@@ -158,7 +158,7 @@ def test_save_and_reload_as_the_offset_variant(tmp_path):
     assert '"model_type": "segformer_offset"' in config_text
     assert "AutoModelForSemanticSegmentation" in config_text  # auto_map for trust_remote_code users
     # Only the code the model imports travels for trust_remote_code, none of OffSeg's.
-    assert sorted(path.name for path in tmp_path.glob("*.py")) == ["modeling_segformer_offset.py", "offset_learning.py"]
+    assert sorted(path.name for path in tmp_path.glob("*.py")) == ["loss.py", "modeling_segformer_offset.py", "offset_learning.py"]
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
     assert type(reloaded) is SegformerOffsetForSemanticSegmentation
     pixel_values = torch.randn(1, 3, 64, 64)

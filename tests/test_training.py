@@ -18,10 +18,10 @@ import torch
 from offseg_hf import EfficientFormerV2Config, OffSegConfig, OffSegForSemanticSegmentation
 from offseg_hf.training import (
     RECIPES,
+    build_model,
     build_param_groups,
     is_head_parameter,
     resolve_config,
-    use_per_pixel_classifier,
     warmup_poly_factor,
 )
 
@@ -32,7 +32,7 @@ def tiny_config(num_labels: int = 4) -> OffSegConfig:
     backbone = EfficientFormerV2Config(
         hidden_sizes=[16, 16, 32, 32], depths=[1, 1, 1, 1], num_attention_blocks=[0, 0, 1, 1],
         mlp_expansion_ratios=[[2], [2], [2], [2]], key_dim=8, num_attention_heads=2, downsample_key_dim=8,
-        downsample_num_attention_heads=2,
+        downsample_num_attention_heads=2, out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     return OffSegConfig(backbone_config=backbone, decoder_stage_channels=[16, 16, 16, 16], decoder_hidden_size=32,
                         decoder_num_groups=4, num_labels=num_labels)
@@ -121,10 +121,11 @@ def test_resolve_config_precedence(tmp_path):
         resolve_config({}, str(file))
 
 
-def test_per_pixel_classifier_swap():
-    model = use_per_pixel_classifier(OffSegForSemanticSegmentation(tiny_config(3)))
-    out = model(torch.randn(1, 3, 32, 48), labels=torch.randint(0, 3, (1, 32, 48)))
-    assert out.logits.shape == (1, 3, 8, 12) and torch.isfinite(out.loss)
+def test_per_pixel_classifier_is_built_from_the_training_config():
+    config = resolve_config({"dataset": "synthetic", "model": "offseg-t", "classifier": "per-pixel"}, None)
+    model = build_model(config, {index: f"class{index}" for index in range(3)})
+    assert model.config.classifier == "per_pixel" and not hasattr(model, "offset_learning")
+    assert tuple(model.classifier.weight.shape) == (3, 256, 1, 1)
 
 
 def _train_command(model_dir: Path, output_dir: Path, max_steps: int, *extra: str) -> list[str]:
