@@ -236,8 +236,11 @@ def _looks_like(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def _check_offseg_keys(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
-    required = ("backbone.patch_embed.0.weight", "backbone.network.0.0.mlp.fc1.weight", "decode_head.offset_learning.cls_repr")
+    required = ("backbone.patch_embed.0.weight", "backbone.network.0.0.mlp.fc1.weight")
     missing = [key for key in required if key not in state_dict]
+    classifiers = ("decode_head.offset_learning.cls_repr", "decode_head.conv_seg.weight")
+    if not any(key in state_dict for key in classifiers):
+        missing.append(" or ".join(classifiers))
     if missing:
         hint = ""
         if _looks_like(state_dict) == "an EfficientFormerV2 ImageNet classifier":
@@ -325,13 +328,13 @@ def build_image_processor(info: DatasetInfo):
 def _account_for_keys(state_dict: Mapping[str, torch.Tensor], model) -> None:
     """Every checkpoint key is mapped onto a model key of the same shape, or dropped by design; every
     model key is provided. Raises :class:`ConversionError` naming the checkpoint's own keys."""
-    from .convert import CheckpointMismatchError, official_to_hf_key
+    from .convert import CheckpointMismatchError, is_dropped, official_to_hf_key
 
     ours = model.state_dict()
     provided: dict[str, str] = {}
     problems: list[str] = []
     for key, value in state_dict.items():
-        if _dropped(key):
+        if is_dropped(key, model.config.classifier):
             continue
         try:
             target = official_to_hf_key(key)
@@ -356,11 +359,12 @@ def _account_for_keys(state_dict: Mapping[str, torch.Tensor], model) -> None:
 def _build_model(state_dict: Mapping[str, torch.Tensor], preset: str, info: DatasetInfo):
     """Config + model with the mapped weights loaded; strict accounting of every key."""
     from .configuration_offseg import OffSegConfig
-    from .convert import convert_official_state_dict
+    from .convert import classifier_of, convert_official_state_dict
     from .modeling_offseg import OffSegForSemanticSegmentation
 
     config = OffSegConfig.from_preset(
-        preset, num_labels=info.num_labels, id2label=info.id2label, label2id=info.label2id
+        preset, num_labels=info.num_labels, id2label=info.id2label, label2id=info.label2id,
+        classifier=classifier_of(state_dict),
     )
     model = OffSegForSemanticSegmentation(config)
     _account_for_keys(state_dict, model)
@@ -479,7 +483,7 @@ def convert_checkpoint(
     Raises:
         FileNotFoundError, ConversionError: nothing is written.
     """
-    from .convert import CheckpointMismatchError, detect_preset, num_labels_of
+    from .convert import CheckpointMismatchError, detect_preset, is_dropped, num_labels_of
     from .model_cards import render_model_card
 
     checkpoint = Path(checkpoint)
@@ -497,7 +501,7 @@ def convert_checkpoint(
         model, mapped = _build_model(state_dict, preset, info)
     except (CheckpointMismatchError, ConversionError) as error:
         raise ConversionError(f"{checkpoint} ({preset}, {info.name}): {error}") from None
-    dropped = sorted(k for k in state_dict if _dropped(k))
+    dropped = sorted(k for k in state_dict if is_dropped(k, model.config.classifier))
     processor = build_image_processor(info)
     num_parameters = sum(p.numel() for p in model.parameters())
     result = ConversionResult(output_dir, preset, info.name, info.num_labels, num_parameters, dropped_keys=dropped)
@@ -621,12 +625,6 @@ def convert_any_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.P
         raise ConversionError(f"{checkpoint} is not an EfficientFormerV2 ImageNet checkpoint; attention_biases applies to those only")
     kwargs.pop("attention_biases", None)
     return convert_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
-
-
-def _dropped(key: str) -> bool:
-    from .convert import DERIVED_KEY_PATTERNS, DROPPED_KEY_PATTERNS
-
-    return any(re.search(p, key) for p in DROPPED_KEY_PATTERNS + DERIVED_KEY_PATTERNS)
 
 
 def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:

@@ -2,7 +2,9 @@
 
 Every reference key is either renamed (``official_to_hf_key``) or on an explicit drop list:
 
-* ``decode_head.conv_seg.*``: the unused per-pixel classifier of the reference head;
+* ``decode_head.conv_seg.*``: the per-pixel classifier the reference head declares; unused (dropped) by the
+  offset-learning models, it *is* the classifier of the per-pixel baseline (paper Table 6: a checkpoint without
+  ``decode_head.offset_learning.*``), where it maps onto ``classifier.*``;
 * ``*.attention_biases`` / ``*.attention_bias_idxs``: the ImageNet (224-input) tables the segmentation
   backbone registers but never uses (it uses the ``*_seg`` tables);
 * ``*.attention_bias_idxs_seg``, ``*.dysampler.init_pos``, ``*.hamming_lowpass`` / ``*.hamming_highpass``:
@@ -37,6 +39,7 @@ _HEAD_RULES: list[tuple[str, str]] = [
     (r"^decode_head\.offset_learning\.cls_offset_proj\.", "offset_learning.class_offset_proj."),
     (r"^decode_head\.offset_learning\.feat_offset_proj\.", "offset_learning.feature_offset_proj."),
     (r"^decode_head\.offset_learning\.mask_norm\.", "offset_learning.mask_norm."),
+    (r"^decode_head\.conv_seg\.", "classifier."),
 ]
 
 # Inside an attention module: Sequential indices -> named conv/norm.
@@ -54,10 +57,11 @@ _ATTENTION_RULES: list[tuple[str, str]] = [
 _STEM = {"0": "conv1.conv", "1": "conv1.norm", "3": "conv2.conv", "4": "conv2.norm"}
 
 DROPPED_KEY_PATTERNS = (
-    r"^decode_head\.conv_seg\.(weight|bias)$",
     r"\.attention_biases$",
     r"\.attention_bias_idxs$",
 )
+# Dropped only from offset-learning checkpoints, whose head declares conv_seg without using it.
+UNUSED_CLASSIFIER_PATTERN = r"^decode_head\.conv_seg\.(weight|bias)$"
 DERIVED_KEY_PATTERNS = (
     r"\.attention_bias_idxs_seg$",
     r"\.dysampler\.init_pos$",
@@ -115,6 +119,19 @@ def _is(patterns, key: str) -> bool:
     return any(re.search(pattern, key) for pattern in patterns)
 
 
+def classifier_of(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """``"offset_learning"`` for a reference OffSeg checkpoint, ``"per_pixel"`` for the Table 6 baseline (no
+    ``decode_head.offset_learning.*`` keys, the 1×1 ``decode_head.conv_seg`` classifier instead)."""
+    has_offsets = any(key.startswith("decode_head.offset_learning.") for key in state_dict)
+    return "offset_learning" if has_offsets else "per_pixel"
+
+
+def is_dropped(key: str, classifier: str) -> bool:
+    """Whether a reference key is deliberately not loaded (unused tables, the unused ``conv_seg``) or derived."""
+    unused_classifier = classifier == "offset_learning" and re.search(UNUSED_CLASSIFIER_PATTERN, key)
+    return bool(unused_classifier) or _is(DROPPED_KEY_PATTERNS + DERIVED_KEY_PATTERNS, key)
+
+
 def _check_derived(key: str, value: torch.Tensor, resample_groups: int) -> str | None:
     """Compare a derived buffer with what our modules compute; returns a problem description or None."""
     if key.endswith("hamming_lowpass") or key.endswith("hamming_highpass"):
@@ -160,7 +177,7 @@ def convert_official_state_dict(
     converted: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for key, value in state_dict.items():
-        if _is(DROPPED_KEY_PATTERNS, key):
+        if is_dropped(key, config.classifier) and not _is(DERIVED_KEY_PATTERNS, key):
             continue
         if _is(DERIVED_KEY_PATTERNS, key):
             problem = _check_derived(key, value, config.freqfusion_resample_groups)
@@ -217,11 +234,14 @@ def detect_preset(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def num_labels_of(state_dict: Mapping[str, torch.Tensor]) -> int:
-    """Number of classes K of a reference OffSeg state dict (from ``cls_repr`` `(1, K, C)`)."""
-    key = "decode_head.offset_learning.cls_repr"
-    if key not in state_dict:
-        raise CheckpointMismatchError(f"not an OffSeg checkpoint: {key!r} is missing")
-    return int(state_dict[key].shape[-2])
+    """Number of classes K of a reference OffSeg state dict (from ``cls_repr`` `(1, K, C)`, or for the per-pixel
+    baseline from ``conv_seg.weight`` `(K, C, 1, 1)`)."""
+    for key in ("decode_head.offset_learning.cls_repr", "decode_head.conv_seg.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[-2] if key.endswith("cls_repr") else state_dict[key].shape[0])
+    raise CheckpointMismatchError(
+        "not an OffSeg checkpoint: neither 'decode_head.offset_learning.cls_repr' nor 'decode_head.conv_seg.weight' is present"
+    )
 
 
 __all__ = [
@@ -229,7 +249,9 @@ __all__ = [
     "DERIVED_KEY_PATTERNS",
     "DROPPED_KEY_PATTERNS",
     "backbone_key",
+    "classifier_of",
     "convert_official_state_dict",
+    "is_dropped",
     "detect_preset",
     "num_labels_of",
     "official_to_hf_key",

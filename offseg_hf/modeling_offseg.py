@@ -433,6 +433,9 @@ class OffSegModel(OffSegPreTrainedModel):
                 f"(shape {tuple(pixel_values.shape)})"
             )
         height, width = pixel_values.shape[-2:]
+        for flag in ("output_hidden_states", "output_attentions"):  # this config's defaults, not the backbone's
+            if kwargs.get(flag) is None:
+                kwargs[flag] = getattr(self.config, flag, False)
         backbone_outputs = self.backbone(pad_to_multiple(pixel_values), return_dict=True, **kwargs)
         features = self.decoder(list(backbone_outputs.feature_maps))
         features = features[..., : -(-height // 4), : -(-width // 4)]  # ⌈H/4⌉ × ⌈W/4⌉: the padding cropped off
