@@ -23,7 +23,10 @@ Example:
 ```python
 >>> from transformers import SegformerConfig, SegformerForSemanticSegmentation
 >>> from offseg_hf.plug import add_offset_learning
->>> model = add_offset_learning(SegformerForSemanticSegmentation(SegformerConfig(num_labels=150)))
+>>> from offseg_hf.plug import offset_learning_overhead
+>>> plain = SegformerForSemanticSegmentation(SegformerConfig(num_labels=150))
+>>> model = add_offset_learning(plain)  # logs the overhead at INFO level
+>>> print(offset_learning_overhead(plain, model))
 SegformerForSemanticSegmentation -> SegformerOffsetForSemanticSegmentation: classifier (38,550 parameters) replaced by offset learning (169,772); +131,222 parameters (+3.50%), 3,752,694 -> 3,883,916
 ```
 """
@@ -34,11 +37,14 @@ from dataclasses import dataclass
 
 from torch import nn
 from transformers import Mask2FormerForUniversalSegmentation, PreTrainedModel, SegformerForSemanticSegmentation
+from transformers.utils import logging
 
 from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
 from .modeling_offseg import OffSegForSemanticSegmentation
-from .offset_learning import OffsetLearning
 from .modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
+from .offset_learning import OffsetLearning
+
+logger = logging.get_logger(__name__)
 
 SUPPORTED_MODELS = ("SegformerForSemanticSegmentation", "Mask2FormerForUniversalSegmentation")
 
@@ -123,7 +129,6 @@ def add_offset_learning(
     *,
     pool_size: int = 2,
     init_std: float = 0.02,
-    verbose: bool = True,
 ) -> PreTrainedModel:
     """Return ``model`` with offset learning in place of its classifier (SegFormer) or before its mask
     prediction (Mask2Former). ``model`` itself is left untouched.
@@ -133,7 +138,6 @@ def add_offset_learning(
         pool_size: SegFormer only: max-pool kernel/stride before offset learning (2, the paper's choice, gives
             logits at 1/8 resolution; 1 keeps 1/4).
         init_std: std of the truncated-normal init of the new offset-learning weights.
-        verbose: print the parameter overhead (also available via :func:`offset_learning_overhead`).
 
     Returns:
         A `SegformerOffsetForSemanticSegmentation` / `Mask2FormerOffsetForUniversalSegmentation` on the same device
@@ -148,8 +152,7 @@ def add_offset_learning(
     reference = next(model.parameters())
     target.to(device=reference.device, dtype=reference.dtype)
     target.train(model.training)
-    if verbose:
-        print(offset_learning_overhead(model, target))
+    logger.info("%s", offset_learning_overhead(model, target))  # also available via offset_learning_overhead()
     return target
 
 

@@ -197,8 +197,8 @@ def build_models(settings: BenchmarkSettings) -> dict[str, torch.nn.Module]:
     plain = SegformerForSemanticSegmentation(config)
     builders = {
         "segformer": lambda: plain,
-        "segformer-offset": lambda: add_offset_learning(plain, verbose=False),
-        "segformer-offset-pool1": lambda: add_offset_learning(plain, pool_size=1, verbose=False),
+        "segformer-offset": lambda: add_offset_learning(plain),
+        "segformer-offset-pool1": lambda: add_offset_learning(plain, pool_size=1),
     }
     unknown = [name for name in settings.variants if name not in builders]
     if unknown:

@@ -107,7 +107,7 @@ def test_pre_classifier_features_of_segformer_and_its_offset_variant():
         decoder_hidden_size=16,
     )
     segformer = SegformerForSemanticSegmentation(config).eval()
-    plugged = add_offset_learning(segformer, verbose=False).eval()
+    plugged = add_offset_learning(segformer).eval()
     pixel_values = torch.randn(2, 3, 64, 64)
     plain = pre_classifier_features(segformer, pixel_values)
     pooled = pre_classifier_features(plugged, pixel_values)

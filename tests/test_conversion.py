@@ -437,3 +437,26 @@ def test_push_folder_to_local_hub(converted_t, monkeypatch):
     assert hub.validated_cards and "pipeline_tag: image-segmentation" in hub.validated_cards[0]
     assert hub.unknown_requests == []
     assert set(hub.authorizations) == {"Bearer hf_explicit"}
+
+
+def test_per_pixel_baseline_checkpoint_converts_saves_and_reloads(official_t, fixtures_dir, tmp_path):
+    """A reference checkpoint without offset learning (the per-pixel baseline of the paper's Table 6) becomes a
+    ``classifier="per_pixel"`` folder whose logits are the checkpoint's conv_seg applied to the aligned feature."""
+    from offseg_hf import OffSegForSemanticSegmentation
+
+    generator = torch.Generator().manual_seed(5)
+    state = {k: v for k, v in official_t.items() if not k.startswith("decode_head.offset_learning.")}
+    state["decode_head.conv_seg.weight"] = torch.randn(150, 256, 1, 1, generator=generator) * 0.05
+    state["decode_head.conv_seg.bias"] = torch.randn(150, generator=generator) * 0.05
+    checkpoint = tmp_path / "per_pixel.pth"
+    torch.save({"state_dict": state}, checkpoint)
+    convert_checkpoint(checkpoint, tmp_path / "out", dataset="ade20k", verify=True, verify_size=64)
+    model = OffSegForSemanticSegmentation.from_pretrained(tmp_path / "out").eval()
+    assert model.config.classifier == "per_pixel" and not hasattr(model, "offset_learning")
+    golden = load_file(fixtures_dir / "offseg-t_io.safetensors")
+    expected = torch.nn.functional.conv2d(
+        golden["head.aligned"], state["decode_head.conv_seg.weight"], state["decode_head.conv_seg.bias"]
+    )
+    with torch.no_grad():
+        logits = model(golden["pixel_values"]).logits
+    assert (logits - expected).abs().max().item() <= 1e-4

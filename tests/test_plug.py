@@ -1,5 +1,6 @@
 """Offset learning plugged into transformers' SegFormer and Mask2Former (tiny configs, CPU)."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -77,10 +78,11 @@ def classifier_input(model: SegformerForSemanticSegmentation, pixel_values: torc
 # ---------------------------------------------------------------- SegFormer
 
 
-def test_surgery_preserves_everything_before_the_classifier(capsys):
+def test_surgery_preserves_everything_before_the_classifier(caplog):
     model = tiny_segformer()
+    caplog.set_level(logging.INFO, logger="offseg_hf.plug")
     plugged = add_offset_learning(model)
-    assert "SegformerOffsetForSemanticSegmentation" in capsys.readouterr().out
+    assert "-> SegformerOffsetForSemanticSegmentation: classifier" in caplog.text
     assert isinstance(plugged, SegformerOffsetForSemanticSegmentation)
     assert plugged.config.model_type == "segformer_offset"
     assert plugged.config.decode_head_style == "transformers"
@@ -99,7 +101,7 @@ def test_surgery_preserves_everything_before_the_classifier(capsys):
 def test_source_model_is_left_untouched():
     model = tiny_segformer()
     state = {key: value.clone() for key, value in model.state_dict().items()}
-    plugged = add_offset_learning(model, verbose=False)
+    plugged = add_offset_learning(model)
     with torch.no_grad():
         for parameter in plugged.parameters():
             parameter.add_(1.0)
@@ -108,14 +110,14 @@ def test_source_model_is_left_untouched():
 
 
 def test_pool_size_one_keeps_quarter_resolution():
-    plugged = add_offset_learning(tiny_segformer(), pool_size=1, verbose=False).eval()
+    plugged = add_offset_learning(tiny_segformer(), pool_size=1).eval()
     with torch.no_grad():
         assert plugged(torch.randn(1, 3, 64, 64)).logits.shape == (1, NUM_LABELS, 16, 16)
 
 
 def test_parameter_overhead():
     model = tiny_segformer()
-    plugged = add_offset_learning(model, verbose=False)
+    plugged = add_offset_learning(model)
     overhead = offset_learning_overhead(model, plugged)
     c, k = DECODER, NUM_LABELS
     assert overhead.removed == c * k + k  # the 1×1 classifier
@@ -125,18 +127,18 @@ def test_parameter_overhead():
     assert f"{overhead.extra:+,}" in str(overhead)
     # SegFormer-B0 on ADE20K (C = 256, K = 150): +131,222 parameters, the paper's "0.1-0.2 M".
     b0 = SegformerForSemanticSegmentation(SegformerConfig(num_labels=150))
-    assert offset_learning_overhead(b0, add_offset_learning(b0, verbose=False)).extra == 2 * 256 * 256 + 150
+    assert offset_learning_overhead(b0, add_offset_learning(b0)).extra == 2 * 256 * 256 + 150
 
 
 def test_dtype_and_mode_follow_the_source():
     model = tiny_segformer().to(torch.float64).train()
-    plugged = add_offset_learning(model, verbose=False)
+    plugged = add_offset_learning(model)
     assert plugged.training
     assert {p.dtype for p in plugged.parameters()} == {torch.float64}
 
 
 def test_offset_variant_trains_on_synthetic_scenes():
-    plugged = add_offset_learning(tiny_segformer(classifier_dropout_prob=0.0), verbose=False).train()
+    plugged = add_offset_learning(tiny_segformer(classifier_dropout_prob=0.0)).train()
     pixel_values, labels = synthetic_batch(4)
     optimizer = torch.optim.AdamW(plugged.parameters(), lr=2e-3)
     losses = []
@@ -152,7 +154,7 @@ def test_offset_variant_trains_on_synthetic_scenes():
 
 
 def test_save_and_reload_as_the_offset_variant(tmp_path):
-    plugged = add_offset_learning(tiny_segformer(), verbose=False).eval()
+    plugged = add_offset_learning(tiny_segformer()).eval()
     plugged.save_pretrained(tmp_path)
     config_text = (tmp_path / "config.json").read_text()
     assert '"model_type": "segformer_offset"' in config_text
@@ -202,7 +204,7 @@ def test_fresh_init_of_the_new_modules():
     offsets = head.offset_learning
     for weight in (offsets.class_embeddings, offsets.class_offset_proj.weight, offsets.feature_offset_proj.weight):
         assert 0.4 < weight.std().item() < 0.6
-    mask2former = add_offset_learning(tiny_mask2former(), init_std=0.5, verbose=False)
+    mask2former = add_offset_learning(tiny_mask2former(), init_std=0.5)
     predictor = mask2former.model.transformer_module.decoder.mask_predictor
     assert 0.4 < predictor.offset_learning.feature_offset_proj.weight.std().item() < 0.6
 
@@ -211,14 +213,14 @@ def test_unsupported_models_are_named():
     with pytest.raises(TypeError, match="BertModel"):
         add_offset_learning(BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
                                                  intermediate_size=8, vocab_size=10)))
-    plugged = add_offset_learning(tiny_segformer(), verbose=False)
+    plugged = add_offset_learning(tiny_segformer())
     with pytest.raises(ValueError, match="already uses offset learning"):
         add_offset_learning(plugged)
 
 
 @pytest.mark.slow
 def test_saved_folder_loads_as_remote_code_without_offseg_hf(tmp_path):
-    add_offset_learning(tiny_segformer(), verbose=False).save_pretrained(tmp_path / "model")
+    add_offset_learning(tiny_segformer()).save_pretrained(tmp_path / "model")
     script = textwrap.dedent(
         f"""
         import sys
@@ -236,6 +238,36 @@ def test_saved_folder_loads_as_remote_code_without_offseg_hf(tmp_path):
 
 
 # ---------------------------------------------------------------- Mask2Former
+
+
+@pytest.mark.slow
+def test_mask2former_offset_folder_loads_as_remote_code_without_offseg_hf(tmp_path):
+    model = add_offset_learning(tiny_mask2former()).eval()
+    model.save_pretrained(tmp_path / "model")
+    # Only the code the model imports travels, none of OffSeg's.
+    assert sorted(p.name for p in (tmp_path / "model").glob("*.py")) == ["modeling_mask2former_offset.py", "offset_learning.py"]
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.save(model(pixel_values).masks_queries_logits, tmp_path / "expected.pt")
+    torch.save(pixel_values, tmp_path / "input.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["offseg_hf"] = None  # make the package unimportable
+        import torch
+        from transformers import AutoModelForUniversalSegmentation
+        model = AutoModelForUniversalSegmentation.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            masks = model(torch.load({str(tmp_path / "input.pt")!r}, weights_only=True)).masks_queries_logits
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        print(type(model).__module__, "MAXDIFF", (masks - expected).abs().max().item())
+        """
+    )
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("transformers_modules")
+    assert float(result.stdout.split("MAXDIFF")[1]) <= 1e-5
 
 
 def test_mask_offset_learning_matches_the_classifier_form():
@@ -268,7 +300,7 @@ def test_reassociated_masks_equal_the_explicit_product():
 
 
 def test_mask2former_forward_backward():
-    plugged = add_offset_learning(tiny_mask2former(), verbose=False).train()
+    plugged = add_offset_learning(tiny_mask2former()).train()
     assert isinstance(plugged, Mask2FormerOffsetForUniversalSegmentation)
     pixel_values = torch.randn(2, 3, 64, 64)
     mask_labels = [(torch.rand(2, 64, 64) > 0.5).float() for _ in range(2)]
@@ -284,7 +316,7 @@ def test_mask2former_forward_backward():
 
 def test_mask2former_surgery_keeps_pixel_level_module_and_round_trips(tmp_path):
     model = tiny_mask2former()
-    plugged = add_offset_learning(model, verbose=False).eval()
+    plugged = add_offset_learning(model).eval()
     overhead = offset_learning_overhead(model, plugged)
     assert overhead.removed == 0 and overhead.extra == overhead.added == 2 * 32 * 32
     pixel_values = torch.randn(1, 3, 64, 64)

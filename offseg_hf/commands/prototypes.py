@@ -59,7 +59,7 @@ def load_model(name: str, num_labels: int, class_names: list[str] | None = None)
 
         torch.manual_seed(0)
         model = SegformerForSemanticSegmentation(SegformerConfig(num_labels=num_labels, **labels))
-        return add_offset_learning(model, verbose=False) if key.endswith("offset") else model
+        return add_offset_learning(model) if key.endswith("offset") else model
     return AutoModelForSemanticSegmentation.from_pretrained(name)
 
 
