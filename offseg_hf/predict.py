@@ -38,7 +38,8 @@ __all__ = [
     "predict_files",
 ]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A Hub repository id ``user/name``: only such names (and existing folders) are ever looked up on the Hub.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelLoadError(OSError):
@@ -75,7 +76,7 @@ def load_model(path: str, device: str = "auto"):
         source = str(folder)
     elif folder.exists():
         raise ModelLoadError(f"{folder} is a file; --model expects a model folder containing config.json")
-    elif _HUB_ID.match(str(path)) and not str(path).startswith("."):
+    elif HUB_ID.match(str(path)) and not str(path).startswith("."):
         source = str(path)
     else:
         raise ModelLoadError(f"model folder not found: {folder.resolve()} (looked for {folder.resolve() / 'config.json'})")
