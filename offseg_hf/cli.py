@@ -142,9 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - one clear line instead of a traceback; --debug shows it
         if args.debug:
             raise
-        message = str(error) or type(error).__name__
-        print(f"{prog}: error: {message}\n(run again with --debug to see the traceback)", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(error)}\n(run again with --debug to see the traceback)", file=sys.stderr)
         return 1
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of ``error``; for errors re-raised from a DataLoader worker (whose text embeds the worker's
+    traceback) the original exception's message only."""
+    message = str(error) or type(error).__name__
+    if "\nOriginal Traceback" in message:
+        lines = message.rstrip().splitlines()
+        for start in range(len(lines) - 1, -1, -1):  # the original message may span lines: from "Type: ..."
+            if re.match(r"^[A-Za-z_.]*(Error|Exception): ", lines[start]):
+                return "\n".join([lines[start].split(": ", 1)[1], *lines[start + 1:]])
+    return message
 
 
 if __name__ == "__main__":
