@@ -4,7 +4,8 @@ A kill (power loss, preemption, ``kill -9``) while the package writes must never
 finished but is not. Everything is written under a temporary name next to its destination, flushed to disk
 (``fsync``), then renamed into place with ``os.replace``, which is atomic on POSIX file systems:
 
-* :func:`atomic_write_text`: one file (evaluation reports, JSON summaries);
+* :func:`atomic_write_text`: one file (evaluation reports, JSON summaries); :func:`atomic_output` for files
+  written by other libraries (PNG label maps and overlays of ``offseg predict``);
 * :func:`fsync_tree` + :func:`publish_folder`: a folder (training checkpoints, see
   ``offseg_hf.training``: the Trainer writes ``checkpoint-N`` under :data:`STAGING_DIR` and the folder is
   renamed to ``output_dir/checkpoint-N`` after its last file);
@@ -14,6 +15,7 @@ finished but is not. Everything is written under a temporary name next to its de
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "STAGING_DIR",
+    "atomic_output",
     "atomic_write_text",
     "fsync_tree",
     "incomplete_reason",
@@ -102,6 +105,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         raise
     _fsync_directory(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """``with atomic_output("x.png") as temporary: image.save(temporary)``: the file is written under a
+    temporary name with the same suffix (so writers that go by the suffix choose the same format), flushed,
+    and renamed to ``path`` when the block succeeds; removed when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield temporary
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def incomplete_reason(checkpoint: str | os.PathLike) -> str | None:

@@ -15,7 +15,7 @@ EXAMPLES = """
   offseg train --dataset synthetic --output-dir outputs/quickstart --max-steps 300
   offseg train --dataset ade20k --data-dir data/ADEChallengeData2016 --model offseg-t --output-dir runs/t-ade
   offseg train --config my_run.yaml --resume
-  accelerate launch -m offseg_hf.cli train --dataset cityscapes --data-dir data/cityscapes --mixed-precision bf16
+  accelerate launch scripts/train.py --dataset cityscapes --data-dir data/cityscapes --mixed-precision bf16
 """
 
 
