@@ -144,3 +144,15 @@ def test_atomic_write_text_replaces_whole_files_only(tmp_path):
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
     assert [p.name for p in target.parent.iterdir()] == ["report.json"]  # no temporary left behind
+
+
+def test_best_model_needs_every_checkpoint_evaluated():
+    """load_best_model_at_end is always on: save steps are aligned to eval steps, or refused clearly."""
+    from offseg_hf.training import resolve_config
+
+    with pytest.raises(ValueError, match=r"save_steps 3 is not a multiple of eval_steps 2.*--save-steps 4"):
+        resolve_config({"save_steps": 3, "eval_steps": 2})
+    assert resolve_config({"save_steps": 7}).eval_steps == 7  # only checkpoints asked for: evaluate at each
+    assert resolve_config({"save_steps": 200}).eval_steps == 100  # already a multiple of the recipe's 100
+    config = resolve_config({})
+    assert config.save_steps == config.eval_steps == 100

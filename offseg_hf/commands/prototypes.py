@@ -65,6 +65,13 @@ def load_model(name: str, num_labels: int, class_names: list[str] | None = None)
         torch.manual_seed(0)
         model = SegformerForSemanticSegmentation(SegformerConfig(num_labels=num_labels, **labels))
         return add_offset_learning(model, verbose=False) if key.endswith("offset") else model
+    from pathlib import Path
+
+    from offseg_hf.predict import HUB_ID
+
+    if not Path(name).expanduser().is_dir() and not HUB_ID.match(name):  # no Hub request for a mistyped name
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(RANDOM_MODELS)}, a model folder or a "
+                         "Hub id user/name")
     return AutoModelForSemanticSegmentation.from_pretrained(name)
 
 
