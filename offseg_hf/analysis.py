@@ -37,7 +37,7 @@ from torch import nn
 
 from .metrics import StreamingIoU
 
-IGNORE_INDEX = 255
+from offseg_hf.data.loading import IGNORE_INDEX  # noqa: E402
 
 __all__ = [
     "PrototypeAnalysis",

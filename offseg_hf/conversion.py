@@ -140,6 +140,31 @@ def _without_inert(value):
     return value
 
 
+def _identify_pytorch_file(path: Path) -> None:
+    """Raise unless ``path`` looks like a file ``torch.save`` wrote: a complete zip archive with a ``data.pkl``
+    record, or a legacy (pre-1.6) pickle. Only then can "holds Python objects besides tensors" be the problem;
+    anything else is not a checkpoint, and nothing in it is worth unpickling."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            raise ConversionError(
+                f"cannot read {_describe(path)}: a zip archive that is truncated or damaged; download it again and "
+                "compare its size with the original"
+            )
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                raise ConversionError(f"{_describe(path)} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
+        return
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle protocol 2-5
+        return
+    hint = " (it starts like an HTML/XML page: a failed download?)" if head.lstrip()[:1] == b"<" else ""
+    raise ConversionError(
+        f"{_describe(path)} is not a checkpoint: neither a PyTorch file (a zip archive or a legacy pickle) nor "
+        f"safetensors (first bytes {head!r}){hint}; check the file name and download it again"
+    )
+
+
 def _describe(path: Path) -> str:
     try:
         size = path.stat().st_size
@@ -178,6 +203,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             return dict(load_file(str(path))), {}
         except (SafetensorError, OSError, ValueError) as error:
             raise ConversionError(f"cannot read {_describe(path)} as safetensors: {error}") from error
+    _identify_pytorch_file(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types; all mean "cannot read"

@@ -38,6 +38,7 @@ def evaluate_model(
     protocol: Any = "ade20k",
     max_samples: int | None = None,
     progress: bool = True,
+    ignore_index: int | None = None,
 ) -> dict[str, Any]:
     """Segment every image of ``dataset`` (canonical rows) and score it against its label map.
 
@@ -47,6 +48,8 @@ def evaluate_model(
         dataset: rows ``{"image": PIL, "label": PIL/array of train ids}`` (map-style or iterable).
         mode / tta / protocol: see :func:`offseg_hf.inference.segment_image`.
         max_samples: stop after this many images.
+        ignore_index: the label value left out, as the dataset's label maps encode it (default: the label
+            tables' ``IGNORE_INDEX``, 255).
 
     Returns:
         :func:`offseg_hf.metrics.metrics_from_confusion` output plus ``num_images``.
@@ -60,7 +63,9 @@ def evaluate_model(
     from offseg_hf.inference import segment_image
     from offseg_hf.metrics import StreamingIoU
 
-    metric = StreamingIoU(num_labels, class_names=class_names)
+    from offseg_hf.data.loading import IGNORE_INDEX
+
+    metric = StreamingIoU(num_labels, IGNORE_INDEX if ignore_index is None else ignore_index, class_names=class_names)
     total = max_samples
     if total is None and hasattr(dataset, "__len__"):
         total = len(dataset)
@@ -84,13 +89,14 @@ def evaluate_model(
 
 def write_report(result: dict[str, Any], output_dir: str | Path, name: str, settings: dict[str, Any]) -> tuple[Path, Path]:
     """Write ``<name>.json`` (settings + metrics) and ``<name>.md`` (tables in percent) to ``output_dir``."""
+    from offseg_hf.checkpoints import atomic_write_text
     from offseg_hf.metrics import format_markdown_table
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path = output_dir / f"{name}.json"
     md_path = output_dir / f"{name}.md"
-    json_path.write_text(json.dumps({"settings": settings, "metrics": result}, indent=2))
+    atomic_write_text(json_path, json.dumps({"settings": settings, "metrics": result}, indent=2))
     header = ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
-    md_path.write_text(format_markdown_table(result, title=f"{name}") + f"\n{result['num_images']} images; {header}\n")
+    atomic_write_text(md_path, format_markdown_table(result, title=f"{name}") + f"\n{result['num_images']} images; {header}\n")
     return json_path, md_path

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from offseg_hf.data.loading import IGNORE_INDEX
+
 # Value the Trainer (and our collators) pad label maps with; never a real label.
 LABEL_PAD_VALUE = -100
 
@@ -53,7 +55,7 @@ def _as_numpy(array: Any) -> np.ndarray:
 
 
 def confusion_matrix(
-    predictions: Any, labels: Any, num_labels: int, ignore_index: int = 255, pad_value: int = LABEL_PAD_VALUE
+    predictions: Any, labels: Any, num_labels: int, ignore_index: int = IGNORE_INDEX, pad_value: int = LABEL_PAD_VALUE
 ) -> np.ndarray:
     """Counts of (label, prediction) pairs over the valid pixels.
 
@@ -141,7 +143,7 @@ class StreamingIoU:
         metric.compute()["mIoU"]
     """
 
-    def __init__(self, num_labels: int, ignore_index: int = 255, class_names: Sequence[str] | None = None):
+    def __init__(self, num_labels: int, ignore_index: int = IGNORE_INDEX, class_names: Sequence[str] | None = None):
         self.num_labels = int(num_labels)
         self.ignore_index = int(ignore_index)
         self.class_names = list(class_names) if class_names is not None else None
@@ -232,7 +234,7 @@ class SegmentationMetricsForTrainer:
     def __init__(
         self,
         num_labels: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         class_names: Sequence[str] | None = None,
         per_class: bool = True,
     ):

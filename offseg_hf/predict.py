@@ -38,7 +38,8 @@ __all__ = [
     "predict_files",
 ]
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A Hub repository id ``user/name``: only such names (and existing folders) are ever looked up on the Hub.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelLoadError(OSError):
@@ -75,7 +76,7 @@ def load_model(path: str, device: str = "auto"):
         source = str(folder)
     elif folder.exists():
         raise ModelLoadError(f"{folder} is a file; --model expects a model folder containing config.json")
-    elif _HUB_ID.match(str(path)) and not str(path).startswith("."):
+    elif HUB_ID.match(str(path)) and not str(path).startswith("."):
         source = str(path)
     else:
         raise ModelLoadError(f"model folder not found: {folder.resolve()} (looked for {folder.resolve() / 'config.json'})")
@@ -224,6 +225,7 @@ def predict_files(
     from tqdm.auto import tqdm
 
     from .inference import get_protocol, segment_image
+    from .checkpoints import atomic_output, atomic_write_text
     from .visualize import class_fractions, resolve_palette, save_label_map, save_overlay
 
     start = time.perf_counter()
@@ -231,8 +233,10 @@ def predict_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     id2label = {int(k): v for k, v in model.config.id2label.items()}
     palette, dataset = resolve_palette(id2label)
-    if protocol is None:
-        protocol = dataset or "ade20k"
+    if protocol is None:  # the benchmark's test protocol; ADE20K's for other class sets (synthetic included)
+        from .inference import PROTOCOLS
+
+        protocol = dataset if dataset in PROTOCOLS else "ade20k"
     protocol_name = protocol if isinstance(protocol, str) else None
     protocol = get_protocol(protocol)
     if scale is not None:
@@ -265,9 +269,12 @@ def predict_files(
         label_map = result.label_map.numpy()
         fractions = class_fractions(label_map, id2label)
         paths = output_paths(out_dir, path, used)
-        save_label_map(label_map, palette, paths["labels"])
+        # every file is renamed into place once complete (a kill leaves no half-written PNG)
+        with atomic_output(paths["labels"]) as temporary:
+            save_label_map(label_map, palette, temporary)
         title = f"prediction ({mode}{', multi-scale + flip' if tta else ''})"
-        save_overlay(image, label_map, palette, fractions, paths["overlay"], title=title)
+        with atomic_output(paths["overlay"]) as temporary:
+            save_overlay(image, label_map, palette, fractions, temporary, title=title)
         record = {
             "image": str(path),
             "width": image.width,
@@ -281,7 +288,7 @@ def predict_files(
             "overlay": paths["overlay"].name,
             "classes": fractions,
         }
-        paths["json"].write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_text(paths["json"], json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         summary.written[path] = paths
         for entry in fractions:
             summary.pixel_counts[entry["label"]] = summary.pixel_counts.get(entry["label"], 0) + entry["pixels"]

@@ -28,12 +28,15 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from offseg_hf.checkpoints import STAGING_DIR, atomic_write_text, newest_complete_checkpoint, publish_folder
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ __all__ = [
     "build_trainer",
     "is_head_parameter",
     "resolve_config",
+    "TrainingInterrupted",
     "train",
     "warmup_poly_factor",
 ]
@@ -125,6 +129,8 @@ class TrainConfig:
     hub_private: bool = False
     report_to: str = "none"
     use_cpu: bool = False
+    quiet: bool = False  # no progress bar, no per-step log lines
+    skip_bad_samples: bool = False  # train on the samples that pass the dataset check (count logged)
     extra: dict[str, Any] = field(default_factory=dict)  # passed to TrainingArguments as is
 
     def to_json(self) -> str:
@@ -175,18 +181,51 @@ def resolve_config(overrides: dict[str, Any] | None = None, config_file: str | N
         config.warmup_steps = 1500
     if config.eval_steps is None:
         config.eval_steps = max(1, min(16_000, config.max_steps // 10))
+    if "save_steps" in merged and "eval_steps" not in merged and config.save_steps % config.eval_steps:
+        # only evaluated checkpoints can be the best model: with checkpoints every N steps, evaluate every N
+        config.eval_steps = config.save_steps
     if config.save_steps is None:
         config.save_steps = config.eval_steps
+    if config.save_steps % config.eval_steps:
+        raise ValueError(
+            f"save_steps {config.save_steps} is not a multiple of eval_steps {config.eval_steps}: the best "
+            "model (kept at the end of training) can only be chosen among evaluated checkpoints; "
+            f"use e.g. --save-steps {config.eval_steps * max(1, round(config.save_steps / config.eval_steps))}"
+        )
     if config.logging_steps is None:
         config.logging_steps = 50
     for key in ("train_scale", "test_scale"):
         if getattr(config, key) is not None:
             setattr(config, key, tuple(getattr(config, key)))
+    _check_model_name(config.model)
     if config.classifier not in ("offset-learning", "per-pixel"):
         raise ValueError(f"classifier must be offset-learning or per-pixel, got {config.classifier!r}")
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
     return config
+
+
+def _check_model_name(name: str) -> None:
+    """``name`` is a preset, an existing folder or a Hub id ``user/name``; anything else fails here, before any
+    Hub request, with the valid choices."""
+    from offseg_hf.configuration_offseg import OFFSEG_PRESETS
+    from offseg_hf.predict import HUB_ID
+
+    if name.lower() in OFFSEG_PRESETS:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {name}: the folder has no config.json (not a saved model folder)")
+        return
+    if path.exists():
+        raise ValueError(f"--model {name} is a file; give a preset, a model folder or a Hub id")
+    if HUB_ID.match(name) and not name.startswith("."):
+        return
+    raise ValueError(
+        f"unknown model {name!r}: choose a preset ({', '.join(sorted(OFFSEG_PRESETS))}), an existing model folder, "
+        "or a Hub id of the form user/name"
+    )
 
 
 def _canonical_dataset(name: str) -> str:
@@ -305,8 +344,49 @@ def _trainer_classes():
                 control.should_evaluate = True
             return control
 
+    class StopOnInterrupt(TrainerCallback):
+        """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop training.
+
+        A second Ctrl-C while that happens interrupts at once (Python's default behaviour).
+        """
+
+        def __init__(self):
+            self.signal_name: str | None = None
+            self.previous: dict = {}
+
+        def _handle(self, signum, frame):
+            import signal
+
+            self.signal_name = signal.Signals(signum).name
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            logger.warning("%s received: stopping after the current step and saving a checkpoint", self.signal_name)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            import signal
+            import threading
+
+            if threading.current_thread() is threading.main_thread():
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    self.previous[signum] = signal.signal(signum, self._handle)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.signal_name is not None:
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            import signal
+
+            for signum, handler in self.previous.items():
+                signal.signal(signum, handler)
+            self.previous = {}
+
     class OffSegTrainer(Trainer):
-        """``Trainer`` with the recipe's parameter groups and warm-up + poly schedule.
+        """``Trainer`` with the recipe's parameter groups and warm-up + poly schedule, and crash-safe
+        checkpoints: ``checkpoint-N`` is written under ``output_dir/.incomplete/`` and renamed into
+        ``output_dir`` after its last file (:mod:`offseg_hf.checkpoints`), so a folder named
+        ``checkpoint-N`` is always complete.
 
         Under several processes, evaluation label maps are padded to a common size (``-100``) before
         the Trainer gathers them, which otherwise only pads dimension 1.
@@ -314,7 +394,37 @@ def _trainer_classes():
 
         def __init__(self, *args, recipe: TrainConfig, **kwargs):
             self.recipe = recipe
+            self._staging = False
             super().__init__(*args, **kwargs)
+
+        def _get_output_dir(self, trial):
+            run_dir = super()._get_output_dir(trial)
+            return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
+        def _save_checkpoint(self, model, trial):
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+            run_dir = self._get_output_dir(trial)
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            staged, final = os.path.join(run_dir, STAGING_DIR, name), os.path.join(run_dir, name)
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self._staging = True
+            try:
+                super()._save_checkpoint(model, trial)  # writes into `staged`; rotates nothing there
+            finally:
+                self._staging = False
+            if self.state.best_model_checkpoint == staged:  # this step is the best: record its final name
+                self.state.best_model_checkpoint = final
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            self.accelerator.wait_for_everyone()  # every process wrote its RNG state
+            if self.args.should_save:
+                publish_folder(staged, final)
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            self.accelerator.wait_for_everyone()
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -354,13 +464,15 @@ def _trainer_classes():
                 labels = self.accelerator.pad_across_processes(labels, dim=2, pad_index=LABEL_PAD_VALUE)
             return loss, logits, labels
 
-    return OffSegTrainer, EpochForAugmentation, TimeBudget
+    return OffSegTrainer, EpochForAugmentation, TimeBudget, StopOnInterrupt
 
 
-def _num_processes() -> int:
+def _num_processes(use_cpu: bool = False) -> int:
+    """World size of this run. ``cpu=True`` for CPU runs: without it accelerate reports one process under
+    ``torchrun``/``accelerate launch`` on CPU (and caches that answer)."""
     from accelerate import PartialState
 
-    return PartialState().num_processes
+    return PartialState(cpu=use_cpu or not torch.cuda.is_available()).num_processes
 
 
 def build_model(config: TrainConfig, id2label: dict[int, str]):
@@ -458,12 +570,13 @@ def build_trainer(config: TrainConfig):
     """
     from transformers import TrainingArguments
 
-    from offseg_hf.data.pipeline import ExampleTransform, attach_transform, collate_segmentation
+    from offseg_hf.data.check import ensure_clean
+    from offseg_hf.data.pipeline import ExampleTransform, SegmentationCollator, attach_transform
     from offseg_hf.data.transforms import build_test_transform, build_train_transform
     from offseg_hf.image_processing_offseg import OffSegImageProcessor
     from offseg_hf.metrics import SegmentationMetricsForTrainer, preprocess_logits_for_metrics
 
-    num_processes = _num_processes()
+    num_processes = _num_processes(config.use_cpu)
     per_device = config.per_device_batch_size
     if per_device is None:
         per_device, remainder = divmod(config.global_batch_size, num_processes * config.gradient_accumulation_steps)
@@ -474,6 +587,10 @@ def build_trainer(config: TrainConfig):
             )
 
     train_raw, validation_raw, class_names = load_datasets(config)
+    # the dataset check (fast; a full one with --skip-bad-samples): bad files stop here, named, not mid-run
+    train_raw = ensure_clean(train_raw, f"{config.dataset} train", skip_bad_samples=config.skip_bad_samples)
+    validation_raw = ensure_clean(_limit(validation_raw, config.eval_max_samples), f"{config.dataset} validation",
+                                  skip_bad_samples=config.skip_bad_samples)
     id2label = dict(enumerate(class_names))
     train_transform = ExampleTransform(
         build_train_transform(config.crop_size, config.train_scale, cat_max_ratio=config.cat_max_ratio,
@@ -482,7 +599,7 @@ def build_trainer(config: TrainConfig):
     )
     eval_transform = ExampleTransform(build_test_transform(config.test_scale))
     train_dataset = attach_transform(train_raw, train_transform)
-    eval_dataset = attach_transform(_limit(validation_raw, config.eval_max_samples), eval_transform)
+    eval_dataset = attach_transform(validation_raw, eval_transform)
 
     from transformers import set_seed
 
@@ -490,6 +607,7 @@ def build_trainer(config: TrainConfig):
     model = build_model(config, id2label)
     device_type = "cpu" if config.use_cpu or not torch.cuda.is_available() else "cuda"
     model = maybe_sync_batch_norm(model, num_processes, device_type)
+    ignore_index = model.config.semantic_loss_ignore_index  # labels, loss and metrics agree on it
 
     args = TrainingArguments(
         output_dir=config.output_dir,
@@ -506,7 +624,7 @@ def build_trainer(config: TrainConfig):
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
-        load_best_model_at_end=config.save_steps % config.eval_steps == 0,
+        load_best_model_at_end=True,  # resolve_config made save_steps a multiple of eval_steps
         metric_for_best_model="mIoU",
         greater_is_better=True,
         batch_eval_metrics=True,
@@ -525,11 +643,13 @@ def build_trainer(config: TrainConfig):
         hub_model_id=config.push_to_hub,
         hub_strategy="end",  # one push of the final model, processor and card, not every checkpoint
         hub_private_repo=config.hub_private,
+        disable_tqdm=config.quiet,
+        dataloader_pin_memory=device_type == "cuda",  # pinning is for host-to-GPU copies (and warns on CPU)
         **config.extra,
     )
     processor = OffSegImageProcessor()
-    trainer_class, epoch_callback, time_budget = _trainer_classes()
-    callbacks = [epoch_callback(train_transform)]
+    trainer_class, epoch_callback, time_budget, stop_on_interrupt = _trainer_classes()
+    callbacks = [epoch_callback(train_transform), stop_on_interrupt()]
     if config.time_budget_s:
         callbacks.append(time_budget(config.time_budget_s))
     trainer = trainer_class(
@@ -537,21 +657,57 @@ def build_trainer(config: TrainConfig):
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=collate_segmentation,
+        data_collator=SegmentationCollator(len(class_names), ignore_index),
         processing_class=processor,
-        compute_metrics=SegmentationMetricsForTrainer(len(class_names), class_names=class_names),
+        compute_metrics=SegmentationMetricsForTrainer(len(class_names), ignore_index, class_names=class_names),
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=callbacks,
         recipe=config,
     )
+    if config.quiet:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     return trainer, processor
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` folder in ``output_dir``, or ``None``."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* ``checkpoint-N`` folder in ``output_dir``, or ``None``; incomplete ones (an
+    interrupted save) are named in a warning and skipped (:func:`offseg_hf.checkpoints.newest_complete_checkpoint`)."""
+    checkpoint, skipped = newest_complete_checkpoint(output_dir)
+    for line in skipped:
+        logger.warning("--resume: skipping %s", line)
+    return checkpoint
 
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+class TrainingInterrupted(Exception):
+    """Training stopped on Ctrl-C / SIGTERM after saving a complete checkpoint (``checkpoint``)."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(f"{signal_name} at step {step}; checkpoint {checkpoint}")
+
+
+def _save_final_model(trainer, processor, output_dir: str) -> None:
+    """The final model and processor into ``output_dir``, each file through a staging folder and a rename;
+    ``config.json`` comes last, so a folder that loads holds the complete model."""
+    staged = Path(output_dir, STAGING_DIR, "final-model")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staged, ignore_errors=True)
+    trainer.save_model(str(staged))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(staged)
+        from offseg_hf.checkpoints import fsync_tree
+
+        fsync_tree(staged)
+        names = sorted((p.name for p in staged.iterdir()), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(staged / name, Path(output_dir, name))
+        shutil.rmtree(staged, ignore_errors=True)
+        try:
+            Path(output_dir, STAGING_DIR).rmdir()
+        except OSError:
+            pass
 
 
 def write_synthetic_samples(config: TrainConfig, folder: Path, count: int = 4) -> list[Path]:
@@ -576,31 +732,39 @@ def write_synthetic_samples(config: TrainConfig, folder: Path, count: int = 4) -
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """Run training (resuming from the last checkpoint when ``config.resume``), evaluate, save, push.
+    """Run training (resuming from the newest complete checkpoint when ``config.resume``), evaluate, save, push.
 
     Writes to ``output_dir``: checkpoints, the final (best) model with its processor, ``train_config.json``
     ``eval_results.json``, ``log_history.json`` (losses, learning rates, evaluations) and, for the
-    synthetic dataset, ``samples/`` (a few validation scenes and their ground truth). Returns the final evaluation metrics.
+    synthetic dataset, ``samples/`` (a few validation scenes and their ground truth). Every file and
+    checkpoint folder appears only when complete (:mod:`offseg_hf.checkpoints`). Returns the final
+    evaluation metrics.
+
+    Raises:
+        TrainingInterrupted: Ctrl-C / SIGTERM: the current step finished and a checkpoint was saved.
     """
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     trainer, processor = build_trainer(config)
     if trainer.is_world_process_zero():
-        Path(config.output_dir, "train_config.json").write_text(config.to_json())
+        atomic_write_text(Path(config.output_dir, "train_config.json"), config.to_json())
     checkpoint = None
     if config.resume:
         checkpoint = last_checkpoint(config.output_dir)
         if checkpoint is None:
-            logger.warning("--resume: no checkpoint in %s, starting from scratch", config.output_dir)
+            logger.warning("--resume: no complete checkpoint in %s, starting from scratch", config.output_dir)
         else:
             logger.info("resuming from %s", checkpoint)
+    interrupt = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "StopOnInterrupt")
     trainer.train(resume_from_checkpoint=checkpoint)
+    if interrupt.signal_name is not None:
+        saved = os.path.join(config.output_dir, f"checkpoint-{trainer.state.global_step}")
+        raise TrainingInterrupted(interrupt.signal_name, trainer.state.global_step, saved if os.path.isdir(saved) else None)
     metrics = trainer.evaluate()
-    trainer.save_model(config.output_dir)
+    _save_final_model(trainer, processor, config.output_dir)
     if trainer.is_world_process_zero():
-        processor.save_pretrained(config.output_dir)
         summary = {k: v for k, v in metrics.items() if not k.startswith("eval_IoU-")}
-        Path(config.output_dir, "eval_results.json").write_text(json.dumps(metrics, indent=2))
-        Path(config.output_dir, "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        atomic_write_text(Path(config.output_dir, "eval_results.json"), json.dumps(metrics, indent=2))
+        atomic_write_text(Path(config.output_dir, "log_history.json"), json.dumps(trainer.state.log_history, indent=1))
         logger.info("final evaluation: %s", summary)
     if config.dataset == "synthetic" and trainer.is_world_process_zero():
         write_synthetic_samples(config, Path(config.output_dir) / "samples")

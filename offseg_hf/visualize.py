@@ -1,8 +1,10 @@
 """Colouring label maps: dataset palettes, palette-mode PNGs, class statistics and image/prediction overlays.
 
 * :func:`resolve_palette` picks the colours for a model: the palette of the benchmark whose class names the
-  model carries (ADE20K, COCO-Stuff, Cityscapes, Pascal Context, from :mod:`offseg_hf.data.tables`), else the
-  palette of the benchmark with the same number of classes, else :func:`deterministic_palette`.
+  model carries (ADE20K, COCO-Stuff, Cityscapes, Pascal Context, from :mod:`offseg_hf.data.tables`; the
+  synthetic dataset's colour-named classes in their own colours), else the palette of the benchmark with the
+  same number of classes, else :func:`deterministic_palette`. Ground truth, predictions, overlays and legends
+  all use that one palette.
 * :func:`save_label_map` writes a label map as a palette-mode PNG: pixel values are class indices, viewers
   show the colours, ``np.array(Image.open(path))`` gives the indices back.
 * :func:`class_fractions` counts the pixels of every class present.
@@ -25,6 +27,7 @@ __all__ = [
     "class_fractions",
     "colorize",
     "deterministic_palette",
+    "legend_colours",
     "overlay_layout",
     "resolve_palette",
     "save_label_map",
@@ -58,10 +61,14 @@ def resolve_palette(id2label: Mapping[int, str]) -> tuple[np.ndarray, str | None
         ``(palette, dataset)``: a ``(K, 3)`` uint8 array, and the benchmark name whose palette it is (``None``
         for the generated palette).
     """
+    from .data.synthetic import synthetic_class_names, synthetic_palette
     from .data.tables import DATASET_NAMES, dataset_for_num_labels, get_dataset_info, palette_array
 
     num_labels = len(id2label)
     names = [_normalised_name(id2label[index]) for index in range(num_labels)]
+    if num_labels >= 2 and names == [_normalised_name(n) for n in synthetic_class_names(num_labels)]:
+        # the synthetic classes are named after their colours: show them in those colours
+        return np.asarray(synthetic_palette(num_labels), dtype=np.uint8), "synthetic"
     for dataset in DATASET_NAMES:
         info = get_dataset_info(dataset)
         if [_normalised_name(name) for name in info.class_names] == names:
@@ -215,10 +222,10 @@ def save_overlay(
             ha="center", va="center", fontsize=10, clip_on=False,
         )
 
+    swatches = legend_colours(shown, labels, palette, [entry["id"] for entry in fractions[:MAX_LEGEND_CLASSES]], alpha)
     handles = [
-        Patch(facecolor=palette[entry["id"]] / 255 if entry["id"] < len(palette) else "black", edgecolor="0.3",
-              label=f"{_short(entry['label'])}  {100 * entry['fraction']:.1f}%")
-        for entry in fractions[:MAX_LEGEND_CLASSES]
+        Patch(facecolor=swatch / 255, edgecolor="0.3", label=f"{_short(entry['label'])}  {100 * entry['fraction']:.1f}%")
+        for entry, swatch in zip(fractions[:MAX_LEGEND_CLASSES], swatches)
     ]
     if len(fractions) > MAX_LEGEND_CLASSES:
         rest = sum(entry["fraction"] for entry in fractions[MAX_LEGEND_CLASSES:])
@@ -232,6 +239,24 @@ def save_overlay(
     )
     figure.savefig(path, dpi=dpi, facecolor="white")
     return layout
+
+
+def legend_colours(shown: np.ndarray, labels: np.ndarray, palette: np.ndarray, ids, alpha: float) -> np.ndarray:
+    """``(len(ids), 3)`` float colours of the legend swatches: each class's colour *as it appears in the
+    overlay*, i.e. the mean of ``(1 - alpha) · image + alpha · palette[id]`` over the class's pixels of the
+    panel (over the whole panel for a class too small to survive the panel's resize).
+
+    Args:
+        shown: ``(h, w, 3)`` the image as drawn in the panel; labels: ``(h, w)`` class indices of the panel.
+    """
+    colours = colorize(np.asarray(ids, dtype=np.int64), palette).astype(np.float32).reshape(-1, 3)
+    out = np.empty_like(colours)
+    background = shown.reshape(-1, 3).mean(axis=0)
+    for row, index in enumerate(ids):
+        where = labels == index
+        under = shown[where].mean(axis=0) if where.any() else background
+        out[row] = (1 - alpha) * under + alpha * colours[row]
+    return np.clip(out, 0, 255)
 
 
 def _short(name: str, limit: int = 30) -> str:

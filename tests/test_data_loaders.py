@@ -54,11 +54,18 @@ def test_ade20k_bad_label_value_names_file_and_value(tmp_path):
 
 
 def test_ade20k_missing_annotation_is_named(tmp_path):
+    # loading lists the pairs; the image without annotation is named by the dataset check and when read
+    from offseg_hf.data.check import check_dataset
+
     root = tmp_path / "ADEChallengeData2016"
     _write_pair(root / "images/training/a.jpg", root / "annotations/training/a.png", _label([1]))
     (root / "images/training/b.jpg").write_bytes((root / "images/training/a.jpg").read_bytes())
-    with pytest.raises(FileNotFoundError, match=r"b\.png"):
-        load_segmentation_dataset("ade20k", "train", data_dir=root)
+    ds = load_segmentation_dataset("ade20k", "train", data_dir=root)
+    report = check_dataset(ds, "ade20k train")
+    assert [p.index for p in report.problems] == [1]
+    assert str(report.problems[0]) == f"{root / 'images/training/b.jpg'} has no annotation {root / 'annotations/training/b.png'}"
+    with pytest.raises(FileNotFoundError, match=r"b\.jpg has no annotation .*b\.png"):
+        ds[1]
 
 
 def test_coco_stuff_raw_ids_mapped_like_the_converter(tmp_path):

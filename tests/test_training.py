@@ -193,15 +193,16 @@ def test_two_process_accelerate_launch_cpu(tiny_model_dir, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                "29517", "scripts/train.py", *_train_command(tiny_model_dir, output, 3, "--eval-steps", "3",
-                                                            "--eval-samples", "3")]
+                                                            "--eval-samples", "3", "--global-batch-size", "4")]
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((output / "eval_results.json").read_text())
     assert 0.0 <= metrics["eval_mIoU"] <= 1.0 and math.isfinite(metrics["eval_loss"])
     state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
-    # 2 processes × 1 image = the global batch of 2
-    assert json.loads((output / "train_config.json").read_text())["global_batch_size"] == 2
+    # 2 processes × 2 images = the global batch of 4 (accelerate's world size is read with cpu=True)
+    assert json.loads((output / "train_config.json").read_text())["global_batch_size"] == 4
+    assert state["train_batch_size"] == 2
     # the distributed evaluation (3 images over 2 processes, batches of 2: padded, gathered, truncated)
     # equals a single-process evaluation of the saved model
     from offseg_hf.data.loading import load_segmentation_dataset

@@ -11,6 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+EXAMPLES = """
+  offseg convert offseg-t_ade20k.pth offseg-t-ade20k --verify
+  offseg convert eformer_s1_450.pth efficientformerv2-s1
+  offseg convert offseg-t_ade20k.pth offseg-t-ade20k --push-to-hub USER/offseg-t-ade20k --private
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``offseg convert`` (also used by ``scripts/convert_offseg_to_hf.py``)."""
@@ -28,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="reload the written folder and compare its weights and logits with the original tensors",
+        help="reload the written folder and compare its weights and logits with the original tensors (default: off)",
     )
     parser.add_argument("--verify-size", type=int, default=512, help="side of the random verification input (default 512)")
     parser.add_argument(
@@ -38,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ImageNet backbones only: start the 512-layout attention biases at zero (the reference, default) or "
         "carry the 224-resolution ImageNet tables over per offset",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this Hub model repo")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo private (with --push-to-hub)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists (default: refuse)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the folder to this Hub model repo (default: no upload)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private, with --push-to-hub (default: public)")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
 
 

@@ -12,6 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+EXAMPLES = """
+  offseg predict photo.jpg photos/ --model offseg-t-ade20k --out predictions
+  offseg predict street.jpg --model offseg-t-ade20k --out predictions --mode slide --tta --device cuda
+  offseg predict outputs/quickstart/samples/val_00?.png --model outputs/quickstart --out outputs/quickstart/predictions
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories of images")
@@ -32,12 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override the keep-ratio resize: short side SHORT, long side at most LONG (e.g. 1024 256 for a quick CPU preview)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda when available)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..inference import get_protocol
-    from ..predict import ModelLoadError, load_model, predict_files
+    from ..predict import ModelLoadError, collect_images, load_model, predict_files
 
     try:
         if args.protocol is not None:
@@ -46,6 +51,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--scale needs two positive integers, got {args.scale[0]} {args.scale[1]}")
     except ValueError as error:
         print(f"offseg predict: {error}", file=sys.stderr)
+        return 2
+    files, missing = collect_images(args.inputs)  # before the model loads (seconds): bad inputs are reported at once
+    if not files:
+        for path, reason in missing:
+            print(f"offseg predict: {path}: {reason}", file=sys.stderr)
+        print("offseg predict: no image to segment", file=sys.stderr)
         return 2
     try:
         model, processor = load_model(args.model, device=args.device)

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLES = """
+  offseg prototypes --model offseg-t --dataset synthetic --max-images 50
+  offseg prototypes --model offseg-t-ade20k --dataset ade20k --data-dir data/ADEChallengeData2016 --classes wall sky
+"""
+
 # Random-init models for smoke runs (no download); any folder / Hub id of a supported model works too.
 RANDOM_MODELS = ("offseg-t", "offseg-b", "offseg-l", "segformer-b0", "segformer-b0-offset")
 
@@ -17,10 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="folder or Hub id of an OffSeg, SegFormer or SegFormer + offset learning model, or "
                              f"one of {', '.join(RANDOM_MODELS)} (random weights, for smoke runs)")
-    parser.add_argument("--dataset", default="synthetic", help="synthetic, ade20k, coco-stuff, cityscapes, pascal-context")
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--data-dir", help="root of the dataset's official local layout")
-    parser.add_argument("--hub-id", help="stream this Hub dataset instead of --data-dir")
+    parser.add_argument("--dataset", default="synthetic", help="synthetic, ade20k, coco-stuff, cityscapes or pascal-context")
+    parser.add_argument("--split", default="validation", help="train or validation")
+    parser.add_argument("--data-dir", help="root of the dataset's official local layout (default: none)")
+    parser.add_argument("--hub-id", help="stream this Hub dataset instead of --data-dir (default: none)")
     parser.add_argument("--test-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                         help="keep-ratio resize of the images before the model (default: none for synthetic, "
                              "2048 512 otherwise)")
@@ -28,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images-per-class", type=int, default=10, help="N: images per class in the heat maps")
     parser.add_argument("--classes", nargs="+", help="class names or ids shown (default: the most frequent)")
     parser.add_argument("--num-shown", type=int, default=6, help="classes shown when --classes is not given")
-    parser.add_argument("--no-learned", action="store_true", help="leave the model's learned W out of the maps")
-    parser.add_argument("--output-dir", default="outputs/prototypes")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-learned", action="store_true", help="leave the model's learned W out of the maps (default: shown)")
+    parser.add_argument("--output-dir", default="outputs/prototypes", help="where the heat map, JSON and NPZ go")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 …")
     parser.add_argument("--num-labels", type=int, default=8, help="synthetic: classes")
     parser.add_argument("--num-samples", type=int, default=200, help="synthetic: split size")
     parser.add_argument("--image-size", type=int, default=128, help="synthetic: scene size")
@@ -60,6 +65,13 @@ def load_model(name: str, num_labels: int, class_names: list[str] | None = None)
         torch.manual_seed(0)
         model = SegformerForSemanticSegmentation(SegformerConfig(num_labels=num_labels, **labels))
         return add_offset_learning(model) if key.endswith("offset") else model
+    from pathlib import Path
+
+    from offseg_hf.predict import HUB_ID
+
+    if not Path(name).expanduser().is_dir() and not HUB_ID.match(name):  # no Hub request for a mistyped name
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(RANDOM_MODELS)}, a model folder or a "
+                         "Hub id user/name")
     return AutoModelForSemanticSegmentation.from_pretrained(name)
 
 

@@ -87,12 +87,14 @@ class LabelMapping:
                 bad = int(raw.max() if raw.max() > 255 else raw.min())
                 raise ValueError(f"{source}: label value {bad} does not fit the expected {self.description}")
             raw = raw.astype(np.uint8)
-        present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+        counts = np.bincount(raw.ravel(), minlength=256)
+        present = np.flatnonzero(counts)
         invalid = present[~self.valid[present]]
         if invalid.size:
+            values = ", ".join(f"{int(v)} ({int(counts[v])} pixels)" for v in invalid[:10])
+            more = f" and {invalid.size - 10} more" if invalid.size > 10 else ""
             raise ValueError(
-                f"{source}: label value {int(invalid[0])} is not valid for {self.description} "
-                f"(values present: {present.tolist()[:20]})"
+                f"{source}: label value{'s' if invalid.size > 1 else ''} {values}{more} not valid for {self.description}"
             )
         return self.lut[raw]
 
@@ -132,6 +134,10 @@ def paired_file_dataset(
     def read(batch: dict) -> dict:
         images, labels = [], []
         for image_path, label_path in zip(batch["image_path"], batch["label_path"]):
+            if not Path(image_path).is_file():
+                raise FileNotFoundError(f"{image_path}: image not found (listed, or paired with {label_path})")
+            if not Path(label_path).is_file():
+                raise FileNotFoundError(f"{image_path} has no annotation {label_path}")
             with Image.open(image_path) as image:
                 images.append(image.convert("RGB"))
             train_ids = mapping(read_label_map(label_path), source=label_path)

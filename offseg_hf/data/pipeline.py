@@ -15,7 +15,7 @@ import torch
 
 from offseg_hf.data.transforms import sample_seed, seeded, to_tv_tensors
 
-__all__ = ["ExampleTransform", "attach_transform", "collate_segmentation"]
+__all__ = ["ExampleTransform", "SegmentationCollator", "attach_transform", "collate_segmentation"]
 
 
 class ExampleTransform:
@@ -40,16 +40,22 @@ class ExampleTransform:
             image_t, mask_t = seeded(self.transform, sample_seed(self.seed, self.epoch, int(index)), image_t, mask_t)
         else:
             image_t, mask_t = self.transform(image_t, mask_t)
-        return {
+        out = {
             "pixel_values": image_t.as_subclass(torch.Tensor).float(),
             "labels": mask_t.as_subclass(torch.Tensor).long(),
         }
+        if index is not None:
+            out["index"] = int(index)
+        return out
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         """Batched form, for ``datasets.Dataset.with_transform``."""
         indices = batch.get("index") or [None] * len(batch["image"])
         out = [self.one(image, label, index) for image, label, index in zip(batch["image"], batch["label"], indices)]
-        return {"pixel_values": [o["pixel_values"] for o in out], "labels": [o["labels"] for o in out]}
+        result = {"pixel_values": [o["pixel_values"] for o in out], "labels": [o["labels"] for o in out]}
+        if all("index" in o for o in out):
+            result["index"] = [o["index"] for o in out]
+        return result
 
 
 def attach_transform(dataset, example_transform: ExampleTransform):
@@ -64,7 +70,7 @@ def attach_transform(dataset, example_transform: ExampleTransform):
         def one(row: dict) -> dict:
             return example_transform.one(row["image"], row["label"], row.get("index"))
 
-        return dataset.map(one, remove_columns=["image", "label", "index"])
+        return dataset.map(one, remove_columns=["image", "label"])
     previous = (dataset.format.get("format_kwargs") or {}).get("transform")
 
     def composed(batch: dict) -> dict:
@@ -94,3 +100,44 @@ def collate_segmentation(examples: list[dict[str, torch.Tensor]]) -> dict[str, t
             "use --eval-batch-size 1 (per device) for datasets whose images vary in size"
         )
     return {"pixel_values": torch.stack(images), "labels": torch.stack(labels)}
+
+
+class SegmentationCollator:
+    """:func:`collate_segmentation` plus the label check of the model's side, on the CPU before the batch moves.
+
+    The model's loss no longer checks label values (that would synchronise the device every step), so the
+    collator does: every label must be a class ``0..num_labels-1`` or the ignore index. The dataset's ignore
+    value (``dataset_ignore_index``, 255 in every label table) becomes the model's ``ignore_index``
+    (``config.semantic_loss_ignore_index``) here when the two differ.
+
+    Raises:
+        ValueError: a label value outside the classes, naming the value, the sample (dataset row) and the
+            rule; label files with values outside their dataset's encoding are caught earlier, by name, when read.
+    """
+
+    def __init__(self, num_labels: int, ignore_index: int, dataset_ignore_index: int | None = None):
+        from offseg_hf.data.loading import IGNORE_INDEX
+
+        self.num_labels = int(num_labels)
+        self.ignore_index = int(ignore_index)
+        self.dataset_ignore_index = IGNORE_INDEX if dataset_ignore_index is None else int(dataset_ignore_index)
+
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = collate_segmentation(examples)
+        labels = batch["labels"]
+        if self.dataset_ignore_index != self.ignore_index:
+            labels = labels.masked_fill(labels == self.dataset_ignore_index, self.ignore_index)
+            batch["labels"] = labels
+        values = torch.unique(labels)
+        bad = values[((values < 0) | (values >= self.num_labels)) & (values != self.ignore_index)]
+        if bad.numel():
+            for example in examples:
+                example_bad = [int(v) for v in bad if bool((example["labels"] == v).any())]
+                if example_bad:
+                    row = example.get("index", "?")
+                    raise ValueError(
+                        f"sample {row} (dataset row): label value{'s' if len(example_bad) > 1 else ''} "
+                        f"{', '.join(map(str, example_bad))} outside the model's classes 0..{self.num_labels - 1} "
+                        f"(ignore index {self.ignore_index}); does the dataset match the model's num_labels?"
+                    )
+        return batch
