@@ -25,6 +25,7 @@ downloaded once by ``from_pretrained``; a local folder needs no network).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 import os
@@ -40,7 +41,9 @@ import numpy as np
 
 __all__ = [
     "INSTALL_HINT",
+    "DemoApp",
     "DemoModel",
+    "PageResult",
     "DemoUnavailableError",
     "build_demo",
     "class_table_html",
@@ -175,6 +178,113 @@ class _LabelFiles:
         return path
 
 
+@dataclass
+class PageResult:
+    """What one request puts in the page.
+
+    Attributes:
+        status: the status line (Markdown): model time and settings, or what went wrong.
+        error: whether ``status`` reports a failure (the other outputs are then empty).
+        overlay: ``(H, W, 3)`` uint8 overlay figure (:func:`~offseg_hf.visualize.render_overlay`).
+        label_map_path: the palette PNG of the label map (as ``offseg predict`` writes it).
+        table_html: :func:`class_table_html` of the classes present.
+        choices: ``(name, class id)`` of the class filter: "all classes" and the classes present.
+        highlight: the class filter's value after this request.
+        state: what a redraw needs (image path, model, label map, fractions, mode, TTA).
+    """
+
+    status: str
+    error: bool = False
+    overlay: np.ndarray | None = None
+    label_map_path: Path | None = None
+    table_html: str = ""
+    choices: list[tuple[str, int]] = dataclasses.field(default_factory=lambda: [("all classes", ALL_CLASSES)])
+    highlight: int = ALL_CLASSES
+    state: dict | None = None
+
+
+class DemoApp:
+    """The demo's request handlers, independent of Gradio: :meth:`segment` runs a model on an uploaded file,
+    :meth:`redraw` draws the last result again at another opacity / highlighted class."""
+
+    def __init__(self, models: dict[str, DemoModel]):
+        if not models:
+            raise ValueError("give at least one model (--model DIR_OR_REPO)")
+        self.models = models
+        self.names = list(models)
+        self.label_files = _LabelFiles()
+
+    def segment(self, path: str | None, model_name: str | None, mode: str = "whole", tta: bool = False,
+                opacity: float = 0.5, highlight: int | None = ALL_CLASSES) -> PageResult:
+        """Segment the image file ``path`` (an upload) as ``offseg predict`` does; never raises for bad input."""
+        from .image_io import ImageLoadError, load_image
+        from .predict import predict_image
+        from .visualize import save_label_map
+
+        if path is None:
+            return PageResult("Upload or paste an image, or pick an example.")
+        name = Path(path).name
+        entry = self.models.get(model_name) or self.models[self.names[0]]
+        try:
+            image = load_image(path)
+            prediction = predict_image(image, entry.model, entry.processor, entry.settings, mode=mode, tta=bool(tta))
+        except ImageLoadError as error:
+            reason = str(error).removeprefix(f"{path}: ")
+            logger.warning("upload %s: %s", name, reason)
+            return PageResult(f"**Cannot read {html.escape(name)}**: {html.escape(reason)}. Upload another image.", error=True)
+        except (RuntimeError, ValueError, MemoryError) as error:
+            logger.warning("segmentation of %s failed: %s", name, error)
+            return PageResult(f"**Segmentation of {html.escape(name)} failed**: {type(error).__name__}: "
+                              f"{html.escape(str(error))}", error=True)
+        dtype = np.uint8 if len(entry.settings.id2label) <= 256 else np.uint16
+        state = {
+            "image": str(path), "model": entry.name, "mode": mode, "tta": bool(tta),
+            "label_map": prediction.label_map.astype(dtype), "fractions": prediction.fractions,
+        }
+        labels_path = self.label_files.new(Path(name).stem or "image")
+        save_label_map(prediction.label_map, entry.settings.palette, labels_path)
+        present = {item["id"] for item in prediction.fractions}
+        highlight = highlight if highlight in present else ALL_CLASSES
+        protocol_name = entry.settings.protocol_record.get("name") or "custom"
+        status = (
+            f"**Model time: {1000 * prediction.seconds:.0f} ms** · {html.escape(entry.name)} · {mode}"
+            f"{' + multi-scale/flip TTA' if tta else ''} · protocol {protocol_name} · image {image.width}×{image.height}"
+            f" · {len(prediction.fractions)} classes present"
+        )
+        return PageResult(
+            status, overlay=self._draw(state, opacity, highlight, image), label_map_path=labels_path,
+            table_html=class_table_html(prediction.fractions, entry.settings.palette),
+            choices=[("all classes", ALL_CLASSES)] + [(item["label"], item["id"]) for item in prediction.fractions],
+            highlight=highlight, state=state,
+        )
+
+    def redraw(self, state: dict | None, opacity: float, highlight: int | None) -> np.ndarray | None:
+        """The overlay of the last result at ``opacity`` with ``highlight`` singled out (``None``: nothing to draw)."""
+        from .image_io import ImageLoadError
+
+        if not state:
+            return None
+        try:
+            return self._draw(state, opacity, highlight)
+        except ImageLoadError as error:  # the upload left Gradio's cache
+            logger.warning("redraw: %s", error)
+            return None
+
+    def _draw(self, state: dict, opacity: float, highlight, image=None) -> np.ndarray:
+        from .image_io import load_image
+        from .predict import overlay_title
+        from .visualize import render_overlay
+
+        entry = self.models[state["model"]]
+        image = load_image(state["image"]) if image is None else image
+        highlight = None if highlight in (None, ALL_CLASSES) else int(highlight)
+        pixels, _ = render_overlay(
+            image, state["label_map"], entry.settings.palette, state["fractions"], alpha=float(opacity),
+            title=overlay_title(state["mode"], state["tta"]), highlight=highlight,
+        )
+        return pixels
+
+
 def build_demo(
     models: Sequence[str] | dict[str, DemoModel],
     *,
@@ -197,77 +307,23 @@ def build_demo(
         offseg_hf.predict.ModelLoadError: a model cannot be loaded.
     """
     gr = _gradio()
-    from .image_io import ImageLoadError, load_image
-    from .predict import overlay_title, predict_image
-    from .visualize import render_overlay, save_label_map
-
     if not isinstance(models, dict):
         models = load_demo_models(list(models), device=device, protocol=protocol, scale=scale)
-    names = list(models)
-    label_files = _LabelFiles()
+    app = DemoApp(models)
+    names = app.names
     example_dir = Path(tempfile.mkdtemp(prefix="offseg-demo-examples-")) if examples else None
 
-    def empty(message: str, error: bool):
-        status = gr.update(value=message, elem_classes=["error"] if error else [])
-        filter_update = gr.update(choices=[("all classes", ALL_CLASSES)], value=ALL_CLASSES)
-        return None, None, "", status, filter_update, None
-
-    def draw(state: dict, opacity: float, highlight):
-        entry = models[state["model"]]
-        image = load_image(state["image"])
-        highlight = None if highlight in (None, ALL_CLASSES) else int(highlight)
-        pixels, _ = render_overlay(
-            image, state["label_map"], entry.settings.palette, state["fractions"], alpha=float(opacity),
-            title=overlay_title(state["mode"], state["tta"]), highlight=highlight,
-        )
-        return pixels
-
     def segment(path, model_name, mode, tta, opacity, highlight):
-        if path is None:
-            return empty("Upload or paste an image, or pick an example.", error=False)
-        name = Path(path).name
-        entry = models.get(model_name) or models[names[0]]
-        try:
-            image = load_image(path)
-            prediction = predict_image(image, entry.model, entry.processor, entry.settings, mode=mode, tta=bool(tta))
-        except ImageLoadError as error:
-            reason = str(error).removeprefix(f"{path}: ")
-            logger.warning("upload %s: %s", name, reason)
-            return empty(f"**Cannot read {html.escape(name)}**: {html.escape(reason)}. Upload another image.", error=True)
-        except (RuntimeError, ValueError, MemoryError) as error:
-            logger.warning("segmentation of %s failed: %s", name, error)
-            return empty(f"**Segmentation of {html.escape(name)} failed**: {type(error).__name__}: {html.escape(str(error))}", error=True)
-        label_map = prediction.label_map
-        dtype = np.uint8 if len(entry.settings.id2label) <= 256 else np.uint16
-        state = {
-            "image": path, "model": entry.name, "mode": mode, "tta": bool(tta),
-            "label_map": label_map.astype(dtype), "fractions": prediction.fractions,
-        }
-        labels_path = label_files.new(Path(name).stem or "image")
-        save_label_map(label_map, entry.settings.palette, labels_path)
-        present = {item["id"] for item in prediction.fractions}
-        if highlight not in present:
-            highlight = ALL_CLASSES
-        choices = [("all classes", ALL_CLASSES)] + [(item["label"], item["id"]) for item in prediction.fractions]
-        protocol_name = entry.settings.protocol_record.get("name") or "custom"
-        status = (
-            f"**Model time: {1000 * prediction.seconds:.0f} ms** · {html.escape(entry.name)} · {mode}"
-            f"{' + multi-scale/flip TTA' if tta else ''} · protocol {protocol_name} · image {image.width}×{image.height}"
-            f" · {len(prediction.fractions)} classes present"
-        )
+        result = app.segment(path, model_name, mode, tta, opacity, highlight)
         return (
-            draw(state, opacity, highlight), str(labels_path), class_table_html(prediction.fractions, entry.settings.palette),
-            gr.update(value=status, elem_classes=[]), gr.update(choices=choices, value=highlight), state,
+            result.overlay, None if result.label_map_path is None else str(result.label_map_path), result.table_html,
+            gr.update(value=result.status, elem_classes=["error"] if result.error else []),
+            gr.update(choices=result.choices, value=result.highlight), result.state,
         )
 
     def redraw(state, opacity, highlight):
-        if not state:
-            return gr.update()
-        try:
-            return draw(state, opacity, highlight)
-        except ImageLoadError as error:  # the upload left the cache
-            logger.warning("redraw: %s", error)
-            return gr.update()
+        pixels = app.redraw(state, opacity, highlight)
+        return gr.update() if pixels is None else pixels
 
     with gr.Blocks(title=title, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
@@ -312,7 +368,7 @@ def build_demo(
         opacity.change(**again)
         highlight.input(**again)
     demo.queue(default_concurrency_limit=1, max_size=32)
-    demo.offseg_models = models  # for callers that want the loaded models
+    demo.offseg_app = app  # the handlers and the loaded models
     return demo
 
 

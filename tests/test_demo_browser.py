@@ -146,8 +146,9 @@ def server(model_dir, tmp_path_factory):
     _require(_has("gradio"), 'Gradio is not installed: pip install "offseg-hf[demo]"')
     port = _free_port()
     log_path = tmp_path_factory.mktemp("demo-server") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}
+    # Neither GRADIO_ANALYTICS_ENABLED nor HF_HUB_OFFLINE is set: the demo itself must keep off the network.
+    env = {key: value for key, value in os.environ.items() if key not in ("GRADIO_ANALYTICS_ENABLED", "HF_HUB_OFFLINE")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-c", _SERVER, "demo", "--model", str(model_dir), "--host", "127.0.0.1",
