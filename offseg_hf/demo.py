@@ -333,9 +333,9 @@ def build_demo(
         )
         with gr.Row():
             with gr.Column(scale=1):
-                image_input = _upload_image(gr)(
+                image_input = _tolerant_upload(gr.Image(
                     label="image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="input-image",
-                )
+                ))
                 model_choice = gr.Dropdown(names, value=names[0], label="model", visible=len(names) > 1, elem_id="model")
                 mode = gr.Radio(["whole", "slide"], value="whole", label="protocol mode", elem_id="mode",
                                 info="whole image in one pass, or the paper's sliding windows")
@@ -372,20 +372,22 @@ def build_demo(
     return demo
 
 
-def _upload_image(gr):
-    """``gr.Image`` whose upload preprocessing never fails: a file PIL cannot open still reaches the handler
-    (as its path), which reports it in the page through :func:`offseg_hf.image_io.load_image`."""
+def _tolerant_upload(component):
+    """Make an image input's upload preprocessing never fail: a file PIL cannot even open still reaches the
+    handler (as its path), which reports it in the page through :func:`offseg_hf.image_io.load_image`.
 
-    class UploadImage(gr.Image):
-        is_template = True  # rendered by the frontend's Image component
+    (The instance's method is wrapped rather than the class subclassed: Gradio writes a ``.pyi`` stub next to the
+    source file of every component class.)"""
+    original = component.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except (OSError, ValueError, SyntaxError):
-                return None if payload is None or payload.path is None else str(payload.path)
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except (OSError, ValueError, SyntaxError):
+            return None if payload is None or getattr(payload, "path", None) is None else str(payload.path)
 
-    return UploadImage
+    component.preprocess = preprocess
+    return component
 
 
 def launch_demo(demo, host: str | None = "127.0.0.1", port: int | None = None, *, max_file_size: str | int = MAX_FILE_SIZE,
