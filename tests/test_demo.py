@@ -226,3 +226,12 @@ def test_prediction_settings_match_predict_defaults(model_dirs):
     settings = prediction_settings(model, scale=SCALE)
     assert settings.protocol.scale == SCALE and settings.protocol_record["name"] == "ade20k"
     assert settings.palette.shape == (5, 3)
+
+
+def test_model_cards_point_to_the_demo_and_the_space():
+    from offseg_hf.model_cards import render_model_card
+
+    card = render_model_card("offseg-t", "ade20k", model_id="someone/offseg-t-ade20k")
+    assert 'pip install "offseg-hf[demo]"' in card
+    assert "offseg demo --model someone/offseg-t-ade20k" in card
+    assert "offseg demo --export-space space --model someone/offseg-t-ade20k" in card and "repo_type='space'" in card
