@@ -25,6 +25,7 @@ downloaded once by ``from_pretrained``; a local folder needs no network).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import html
 import logging
@@ -162,11 +163,18 @@ _CSS = """
 """
 
 
+def _temporary_folder(prefix: str) -> Path:
+    """A new temporary folder removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 class _LabelFiles:
     """The label-map PNGs shown in the page, in a private temporary folder; only the last ``keep`` are kept."""
 
     def __init__(self, keep: int = 64):
-        self.folder = Path(tempfile.mkdtemp(prefix="offseg-demo-"))
+        self.folder = _temporary_folder("offseg-demo-labels-")
         self.files: deque[Path] = deque()
         self.keep = keep
 
@@ -246,10 +254,11 @@ class DemoApp:
         present = {item["id"] for item in prediction.fractions}
         highlight = highlight if highlight in present else ALL_CLASSES
         protocol_name = entry.settings.protocol_record.get("name") or "custom"
+        long_side, short_side = entry.settings.protocol.scale
         status = (
             f"**Model time: {1000 * prediction.seconds:.0f} ms** · {html.escape(entry.name)} · {mode}"
-            f"{' + multi-scale/flip TTA' if tta else ''} · protocol {protocol_name} · image {image.width}×{image.height}"
-            f" · {len(prediction.fractions)} classes present"
+            f"{' + multi-scale/flip TTA' if tta else ''} · protocol {protocol_name} (resize: short side {short_side},"
+            f" long side ≤ {long_side}) · image {image.width}×{image.height} · {len(prediction.fractions)} classes present"
         )
         return PageResult(
             status, overlay=self._draw(state, opacity, highlight, image), label_map_path=labels_path,
@@ -311,7 +320,7 @@ def build_demo(
         models = load_demo_models(list(models), device=device, protocol=protocol, scale=scale)
     app = DemoApp(models)
     names = app.names
-    example_dir = Path(tempfile.mkdtemp(prefix="offseg-demo-examples-")) if examples else None
+    example_dir = _temporary_folder("offseg-demo-examples-") if examples else None
 
     def segment(path, model_name, mode, tta, opacity, highlight):
         result = app.segment(path, model_name, mode, tta, opacity, highlight)

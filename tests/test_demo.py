@@ -235,3 +235,17 @@ def test_model_cards_point_to_the_demo_and_the_space():
     assert 'pip install "offseg-hf[demo]"' in card
     assert "offseg demo --model someone/offseg-t-ade20k" in card
     assert "offseg demo --export-space space --model someone/offseg-t-ade20k" in card and "repo_type='space'" in card
+
+
+def test_every_event_shares_one_queue_slot_and_models_are_offered(model_dirs):
+    _require_gradio()
+    from offseg_hf.demo import CONCURRENCY_ID, build_demo
+
+    folders = [str(model_dirs["offseg"]), str(model_dirs["segformer"])]
+    demo = build_demo(folders, device="cpu", scale=SCALE, examples=False)
+    functions = list(demo.fns.values())
+    assert functions and all(f.concurrency_id == CONCURRENCY_ID and f.concurrency_limit == 1 for f in functions)
+    assert demo._queue.default_concurrency_limit == 1
+    dropdown = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model")
+    assert dropdown.visible and [choice[1] for choice in dropdown.choices] == folders
+    assert sorted(demo.offseg_app.models) == sorted(folders)
