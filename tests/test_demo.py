@@ -249,3 +249,23 @@ def test_every_event_shares_one_queue_slot_and_models_are_offered(model_dirs):
     dropdown = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "model")
     assert dropdown.visible and [choice[1] for choice in dropdown.choices] == folders
     assert sorted(demo.offseg_app.models) == sorted(folders)
+
+
+def test_large_upload_keeps_the_page_images_bounded(model_dirs, tmp_path):
+    """A 3000×4000 photo: the label map keeps the photo's size (as offseg predict writes it), the overlay shown
+    in the page has panels of at most 1024 pixels, and the state keeps one byte per pixel."""
+    from offseg_hf.demo import DemoApp, load_demo_models
+    from offseg_hf.visualize import overlay_layout
+
+    rng = np.random.default_rng(0)
+    photo = np.kron(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), np.ones((100, 100, 1), dtype=np.uint8))
+    path = tmp_path / "big.jpg"
+    Image.fromarray(photo).save(path, quality=90)
+    app = DemoApp(load_demo_models([str(model_dirs["offseg"])], device="cpu", scale=SCALE))
+    result = app.segment(str(path), None)
+    assert not result.error, result.status
+    assert label_map_from_png(result.label_map_path).shape == (3000, 4000)
+    layout = overlay_layout(3000, 4000, len(result.state["fractions"]))
+    assert layout.panel_size == (768, 1024) and result.overlay.shape == (*layout.figure_size, 3)
+    assert result.state["label_map"].dtype == np.uint8 and result.state["label_map"].shape == (3000, 4000)
+    assert "image 4000×3000" in result.status

@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_protocol_arguments(args)
-        if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+        if not 1 <= args.port <= 65535:
+            raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     except ValueError as error:
         print(f"offseg demo: {error}", file=sys.stderr)
         return 2
