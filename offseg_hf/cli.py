@@ -34,7 +34,7 @@ COMMANDS = {
     "convert": "convert an official OffSeg checkpoint into a Transformers folder",
     "benchmark": "parameters, MACs and CPU latency next to SegFormer",
     "prototypes": "ideal class representations (Eq. 2) and Fig. 3 heat maps",
-    "demo": "interactive web demo (Gradio) of a model",
+    "demo": "web demo (Gradio) of one or more models, or a Hugging Face Space for them",
 }
 
 _PACKAGE_DIR = Path(__file__).resolve().parent

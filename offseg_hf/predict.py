@@ -22,20 +22,28 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from .image_io import IMAGE_SUFFIXES, ImageLoadError, load_image
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .inference import SegmentationProtocol
+
 __all__ = [
+    "ImagePrediction",
     "ModelLoadError",
+    "PredictionSettings",
     "PredictionSummary",
     "collect_images",
     "label_map_from_png",
     "load_model",
     "output_paths",
+    "overlay_title",
     "predict_files",
+    "predict_image",
+    "prediction_settings",
 ]
 
 # A Hub repository id ``user/name``: only such names (and existing folders) are ever looked up on the Hub.
@@ -105,6 +113,83 @@ def load_model(path: str, device: str = "auto"):
     except (RuntimeError, AssertionError) as error:
         raise ModelLoadError(f"cannot move the model to device {device!r}: {error}") from error
     return model, processor
+
+
+@dataclass(frozen=True)
+class PredictionSettings:
+    """What ``offseg predict`` (and ``offseg demo``) derive once per model.
+
+    Attributes:
+        id2label: ``{class index: name}`` of the model.
+        palette: ``(K, 3)`` uint8 colours (:func:`~offseg_hf.visualize.resolve_palette`).
+        dataset: benchmark whose palette it is, ``None`` for the generated palette.
+        protocol: the :class:`~offseg_hf.inference.SegmentationProtocol` used.
+        protocol_record: the protocol as JSON-ready values (with its name when given by name).
+    """
+
+    id2label: dict[int, str]
+    palette: np.ndarray
+    dataset: str | None
+    protocol: "SegmentationProtocol"
+    protocol_record: dict
+
+
+def prediction_settings(model, protocol=None, scale: tuple[int, int] | None = None) -> PredictionSettings:
+    """Palette and test protocol for ``model``.
+
+    Args:
+        protocol: dataset name or :class:`~offseg_hf.inference.SegmentationProtocol`; default: the benchmark
+            the model's classes come from, else ADE20K.
+        scale: ``(long, short)`` replacing the protocol's keep-ratio resize.
+    """
+    from .inference import get_protocol
+    from .visualize import resolve_palette
+
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    palette, dataset = resolve_palette(id2label)
+    if protocol is None:  # the benchmark's test protocol; ADE20K's for other class sets (synthetic included)
+        from .inference import PROTOCOLS
+
+        protocol = dataset if dataset in PROTOCOLS else "ade20k"
+    protocol_name = protocol if isinstance(protocol, str) else None
+    protocol = get_protocol(protocol)
+    if scale is not None:
+        protocol = dataclasses.replace(protocol, scale=(int(scale[0]), int(scale[1])))
+    protocol_record = {"name": protocol_name, **{k: list(v) for k, v in dataclasses.asdict(protocol).items()}}
+    return PredictionSettings(id2label, palette, dataset, protocol, protocol_record)
+
+
+@dataclass
+class ImagePrediction:
+    """One segmented image.
+
+    Attributes:
+        label_map: ``(H, W)`` class indices at the image size.
+        fractions: :func:`~offseg_hf.visualize.class_fractions` of the label map (largest first).
+        seconds: time taken by the model (segmentation only, not drawing).
+    """
+
+    label_map: np.ndarray
+    fractions: list[dict]
+    seconds: float
+
+
+def predict_image(image, model, processor, settings: PredictionSettings, *, mode: str = "whole", tta: bool = False) -> ImagePrediction:
+    """Segment one RGB image (from :func:`~offseg_hf.image_io.load_image`) with the paper's protocol, with
+    bounded memory for large photos (:func:`~offseg_hf.inference.segment_image`)."""
+    from .inference import segment_image
+    from .visualize import class_fractions
+
+    start = time.perf_counter()
+    result = segment_image(model, processor, image, mode=mode, tta=tta, protocol=settings.protocol)
+    seconds = time.perf_counter() - start
+    label_map = result.label_map.numpy()
+    return ImagePrediction(label_map, class_fractions(label_map, settings.id2label), seconds)
+
+
+def overlay_title(mode: str, tta: bool) -> str:
+    """Heading of the prediction panel of an overlay."""
+    return f"prediction ({mode}{', multi-scale + flip' if tta else ''})"
 
 
 def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -224,24 +309,13 @@ def predict_files(
     """
     from tqdm.auto import tqdm
 
-    from .inference import get_protocol, segment_image
     from .checkpoints import atomic_output, atomic_write_text
-    from .visualize import class_fractions, resolve_palette, save_label_map, save_overlay
+    from .visualize import save_label_map, save_overlay
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    id2label = {int(k): v for k, v in model.config.id2label.items()}
-    palette, dataset = resolve_palette(id2label)
-    if protocol is None:  # the benchmark's test protocol; ADE20K's for other class sets (synthetic included)
-        from .inference import PROTOCOLS
-
-        protocol = dataset if dataset in PROTOCOLS else "ade20k"
-    protocol_name = protocol if isinstance(protocol, str) else None
-    protocol = get_protocol(protocol)
-    if scale is not None:
-        protocol = dataclasses.replace(protocol, scale=(int(scale[0]), int(scale[1])))
-    protocol_record = {"name": protocol_name, **{k: list(v) for k, v in dataclasses.asdict(protocol).items()}}
+    settings = prediction_settings(model, protocol, scale)
     if log is None:
 
         def log(message: str) -> None:
@@ -257,7 +331,7 @@ def predict_files(
         bar.set_postfix_str(path.name[-30:], refresh=False)
         try:
             image = load_image(path)
-            result = segment_image(model, processor, image, mode=mode, tta=tta, protocol=protocol)
+            prediction = predict_image(image, model, processor, settings, mode=mode, tta=tta)
         except ImageLoadError as error:
             summary.failed.append((path, str(error).removeprefix(f"{path}: ")))
             log(f"skipped {path}: {summary.failed[-1][1]}")
@@ -266,15 +340,13 @@ def predict_files(
             summary.failed.append((path, f"{type(error).__name__}: {error}"))
             log(f"failed {path}: {summary.failed[-1][1]}")
             continue
-        label_map = result.label_map.numpy()
-        fractions = class_fractions(label_map, id2label)
+        label_map, fractions = prediction.label_map, prediction.fractions
         paths = output_paths(out_dir, path, used)
         # every file is renamed into place once complete (a kill leaves no half-written PNG)
         with atomic_output(paths["labels"]) as temporary:
-            save_label_map(label_map, palette, temporary)
-        title = f"prediction ({mode}{', multi-scale + flip' if tta else ''})"
+            save_label_map(label_map, settings.palette, temporary)
         with atomic_output(paths["overlay"]) as temporary:
-            save_overlay(image, label_map, palette, fractions, temporary, title=title)
+            save_overlay(image, label_map, settings.palette, fractions, temporary, title=overlay_title(mode, tta))
         record = {
             "image": str(path),
             "width": image.width,
@@ -282,8 +354,8 @@ def predict_files(
             "model": model_name,
             "mode": mode,
             "tta": tta,
-            "protocol": protocol_record,
-            "palette": dataset or "generated",
+            "protocol": settings.protocol_record,
+            "palette": settings.dataset or "generated",
             "label_map": paths["labels"].name,
             "overlay": paths["overlay"].name,
             "classes": fractions,

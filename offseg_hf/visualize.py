@@ -8,8 +8,9 @@
 * :func:`save_label_map` writes a label map as a palette-mode PNG: pixel values are class indices, viewers
   show the colours, ``np.array(Image.open(path))`` gives the indices back.
 * :func:`class_fractions` counts the pixels of every class present.
-* :func:`save_overlay` draws the image and the coloured prediction side by side with a legend of the classes
-  present (matplotlib, no pyplot state). :func:`overlay_layout` gives its exact pixel geometry.
+* :func:`render_overlay` draws the image and the coloured prediction side by side with a legend of the classes
+  present (matplotlib, no pyplot state) and returns the pixels; :func:`save_overlay` writes them as a PNG
+  (``offseg predict``), ``offseg demo`` shows them in the page. :func:`overlay_layout` gives the exact geometry.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "deterministic_palette",
     "legend_colours",
     "overlay_layout",
+    "render_overlay",
     "resolve_palette",
     "save_label_map",
     "save_overlay",
@@ -171,30 +173,32 @@ def overlay_layout(height: int, width: int, num_classes: int, max_side: int = 10
     )
 
 
-def save_overlay(
+def render_overlay(
     image: Image.Image,
     label_map: np.ndarray,
     palette: np.ndarray,
     fractions: list[dict],
-    path: str | os.PathLike,
     alpha: float = 0.5,
     title: str = "prediction",
     max_side: int = 1024,
-) -> OverlayLayout:
-    """Save the image and the prediction blended over it, side by side, with a legend of the classes present.
+    highlight: int | None = None,
+) -> tuple[np.ndarray, OverlayLayout]:
+    """Draw the image and the prediction blended over it, side by side, with a legend of the classes present.
 
     Args:
         image: the RGB image, ``(W, H)`` in PIL terms.
         label_map: ``(H, W)`` class indices.
         palette: ``(K, 3)`` uint8 colours.
         fractions: :func:`class_fractions` of ``label_map`` (legend order and percentages).
-        path: output PNG.
         alpha: weight of the class colours in the blend.
         title: heading of the prediction panel.
         max_side: long side of each panel.
+        highlight: a class index to single out: only its pixels are coloured, the rest of the prediction
+            panel shows the image darkened to half brightness (``None``: every class coloured).
 
     Returns:
-        The :class:`OverlayLayout` used (the PNG is exactly ``figure_size``).
+        ``(pixels, layout)``: the ``figure_size`` ``(height, width, 3)`` uint8 figure and its
+        :class:`OverlayLayout`.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -203,16 +207,20 @@ def save_overlay(
     label_map = np.asarray(label_map)
     if label_map.shape != (image.height, image.width):
         raise ValueError(f"label map of shape {label_map.shape} does not match the image size {image.height}×{image.width}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (overlay opacity) must be in [0, 1], got {alpha}")
     layout = overlay_layout(image.height, image.width, len(fractions), max_side=max_side)
     panel_h, panel_w = layout.panel_size
     shown = np.asarray(image.convert("RGB").resize((panel_w, panel_h), Image.Resampling.BILINEAR), dtype=np.float32)
     labels = np.asarray(Image.fromarray(label_map.astype(np.int32)).resize((panel_w, panel_h), Image.Resampling.NEAREST))
     blended = (1 - alpha) * shown + alpha * colorize(labels, palette).astype(np.float32)
+    if highlight is not None:
+        blended = np.where((labels == highlight)[..., None], blended, 0.5 * shown)
 
     fig_h, fig_w = layout.figure_size
     dpi = 100
     figure = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi, facecolor="white")
-    FigureCanvasAgg(figure)
+    canvas = FigureCanvasAgg(figure)
     for (top, left), pixels in ((layout.image_origin, shown), (layout.prediction_origin, blended)):
         # figimage places raw pixels (no resampling); its offset is the panel's lower-left corner
         figure.figimage(np.clip(pixels, 0, 255).astype(np.uint8), xo=left, yo=fig_h - top - panel_h, origin="upper")
@@ -237,7 +245,31 @@ def save_overlay(
         fontsize=9, title="classes present", title_fontsize=10, alignment="left", handlelength=1.2,
         labelspacing=0.45, borderaxespad=0.0,
     )
-    figure.savefig(path, dpi=dpi, facecolor="white")
+    canvas.draw()
+    pixels = np.array(canvas.buffer_rgba())[..., :3]
+    return pixels, layout
+
+
+def save_overlay(
+    image: Image.Image,
+    label_map: np.ndarray,
+    palette: np.ndarray,
+    fractions: list[dict],
+    path: str | os.PathLike,
+    alpha: float = 0.5,
+    title: str = "prediction",
+    max_side: int = 1024,
+    highlight: int | None = None,
+) -> OverlayLayout:
+    """Save :func:`render_overlay` of the arguments as an RGB PNG at ``path``.
+
+    Returns:
+        The :class:`OverlayLayout` used (the PNG is exactly ``figure_size``).
+    """
+    pixels, layout = render_overlay(
+        image, label_map, palette, fractions, alpha=alpha, title=title, max_side=max_side, highlight=highlight
+    )
+    Image.fromarray(pixels).save(path)
     return layout
 
 

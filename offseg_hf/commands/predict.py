@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="whole image in one pass, or sliding windows as in the paper's evaluation (default: whole)",
     )
     parser.add_argument("--tta", action="store_true", help="multi-scale (0.5-1.75) + horizontal flip test-time augmentation")
+    add_protocol_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--protocol``, ``--scale`` and ``--device`` (shared with ``offseg demo``)."""
     parser.add_argument(
         "--protocol", default=None, metavar="DATASET",
         help="test settings (resize scale, window size) of ade20k, coco-stuff, cityscapes or pascal-context "
@@ -40,15 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda when available)")
 
 
-def run(args: argparse.Namespace) -> int:
+def check_protocol_arguments(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming a bad ``--protocol`` or ``--scale``."""
     from ..inference import get_protocol
+
+    if args.protocol is not None:
+        get_protocol(args.protocol)
+    if args.scale is not None and min(args.scale) < 1:
+        raise ValueError(f"--scale needs two positive integers, got {args.scale[0]} {args.scale[1]}")
+
+
+def run(args: argparse.Namespace) -> int:
     from ..predict import ModelLoadError, collect_images, load_model, predict_files
 
     try:
-        if args.protocol is not None:
-            get_protocol(args.protocol)
-        if args.scale is not None and min(args.scale) < 1:
-            raise ValueError(f"--scale needs two positive integers, got {args.scale[0]} {args.scale[1]}")
+        check_protocol_arguments(args)
     except ValueError as error:
         print(f"offseg predict: {error}", file=sys.stderr)
         return 2
