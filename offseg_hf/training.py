@@ -479,7 +479,8 @@ def build_trainer(config: TrainConfig):
 
     from offseg_hf.data.pipeline import ExampleTransform, attach_transform, collate_segmentation
     from offseg_hf.data.transforms import build_test_transform, build_train_transform
-    from offseg_hf.image_processing_offseg import OffSegImageProcessor
+    from offseg_hf.evaluation import protocol_for
+    from offseg_hf.image_processing_offseg import build_image_processor
     from offseg_hf.metrics import SegmentationMetricsForTrainer, preprocess_logits_for_metrics
 
     num_processes = _num_processes()
@@ -546,7 +547,8 @@ def build_trainer(config: TrainConfig):
         hub_private_repo=config.hub_private,
         **config.extra,
     )
-    processor = OffSegImageProcessor()
+    # the same processor as a converted folder of this dataset (keep-ratio test resize, normalisation, label reduction)
+    processor = build_image_processor(config.dataset, scale=config.test_scale or protocol_for(config.dataset, config.image_size).scale)
     trainer_class, epoch_callback, time_budget = _trainer_classes()
     callbacks = [epoch_callback(train_transform)]
     if config.time_budget_s:

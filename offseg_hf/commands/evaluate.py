@@ -52,13 +52,13 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
     from offseg_hf import OffSegForSemanticSegmentation
-    from offseg_hf.image_processing_offseg import OffSegImageProcessor
+    from transformers import AutoImageProcessor
     from offseg_hf.data.loading import load_segmentation_dataset
     from offseg_hf.evaluation import evaluate_model, protocol_for, write_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = OffSegForSemanticSegmentation.from_pretrained(args.model).to(device).eval()
-    processor = OffSegImageProcessor.from_pretrained(args.model)
+    processor = AutoImageProcessor.from_pretrained(args.model)
     num_labels = model.config.num_labels
     class_names = [model.config.id2label[i] for i in range(num_labels)]
     dataset = args.dataset.lower()

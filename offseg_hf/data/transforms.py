@@ -36,7 +36,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-# ImageNet statistics on 0-255 RGB (the values of OffSegImageProcessor and of the reference configs).
+# ImageNet statistics on 0-255 RGB (the reference configs'; image_processing_offseg divides them by 255).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 IGNORE_INDEX = 255
