@@ -181,3 +181,30 @@ def test_model_config_only_folder_gets_a_processor(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 40, "width": 40}}))
     loaded = AutoImageProcessor.from_pretrained(tmp_path)  # resolved through the OffSegConfig registration
     assert isinstance(loaded, SegformerImageProcessor) and loaded.size.height == 40
+
+
+@pytest.mark.parametrize("dataset", ["ade20k", "synthetic"])
+def test_trained_folders_save_the_processor_of_converted_folders(dataset, tmp_path):
+    """``offseg train`` saves the processor that ``offseg convert`` writes for the same dataset (one builder)."""
+    from test_training import tiny_config
+
+    from offseg_hf import OffSegForSemanticSegmentation
+    from offseg_hf.training import build_trainer, resolve_config
+
+    options = {"dataset": dataset, "output_dir": str(tmp_path / "run"), "max_steps": 1, "num_workers": 0,
+               "use_cpu": True}
+    if dataset == "ade20k":  # a two-image ADEChallengeData2016 layout
+        rng = np.random.default_rng(0)
+        for split, stem in (("training", "ADE_train_00000001"), ("validation", "ADE_val_00000001")):
+            for kind, array in (("images", rng.integers(0, 256, (40, 48, 3))), ("annotations", rng.integers(0, 151, (40, 48)))):
+                (tmp_path / "ade" / kind / split).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array.astype(np.uint8)).save(tmp_path / "ade" / kind / split / f"{stem}.{'jpg' if kind == 'images' else 'png'}")
+        options["data_dir"] = str(tmp_path / "ade")
+        num_labels, expected = 150, build_image_processor("ade20k")
+    else:
+        options.update(num_labels=4, image_size=32, train_samples=2, eval_samples=2)
+        num_labels, expected = 4, build_image_processor("synthetic", scale=(32, 32))
+    OffSegForSemanticSegmentation(tiny_config(num_labels)).save_pretrained(tmp_path / "model")
+    options["model"] = str(tmp_path / "model")
+    _, processor = build_trainer(resolve_config(options))
+    assert type(processor) is SegformerImageProcessor and processor.to_dict() == expected.to_dict()
