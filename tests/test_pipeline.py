@@ -137,6 +137,27 @@ def test_pipeline_without_prompt_in_a_fresh_process(mode, ade20k_folder, segment
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected.label_map.numpy())
 
 
+def test_the_prompt_check_sees_the_old_auto_map(ade20k_folder, tmp_path):
+    """Control for the test above: the same folder with the processor config that offseg-hf 0.1 wrote (class
+    OffSegImageProcessor + ``auto_map``) makes Transformers invent an AutoVideoProcessor entry and print the prompt,
+    even with ``import offseg_hf`` (re-saving the processor migrates such folders, see test_image_processing)."""
+    import json
+    import shutil
+
+    from test_image_processing import LEGACY_CONFIG
+
+    old = tmp_path / "old-folder"
+    shutil.copytree(ade20k_folder, old)
+    (old / "preprocessor_config.json").write_text(json.dumps(LEGACY_CONFIG))
+    _scene(64, 96).save(tmp_path / "scene.png")
+    completed = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(old), str(tmp_path / "scene.png"), str(tmp_path / "out.npy"), "import"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"},
+    )
+    assert PROMPT in completed.stdout + completed.stderr
+
+
 class _Inputs:
     """Records the ``pixel_values`` and logits of every forward pass of a model."""
 
