@@ -8,7 +8,7 @@ alone.
 """
 
 from .configuration_offseg import EFFICIENTFORMER_V2_VARIANTS, OFFSEG_PRESETS, EfficientFormerV2Config, OffSegConfig
-from .image_processing_offseg import OffSegImageProcessor
+from .image_processing_offseg import OffSegImageProcessor, build_image_processor
 from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, EfficientFormerV2PreTrainedModel
 from .modeling_offseg import (
     OffSegDecoder,
@@ -69,6 +69,7 @@ __all__ = [
     "SegmentationProtocol",
     "SegmentationResult",
     "add_offset_learning",
+    "build_image_processor",
     "convert_segformer_offset_state_dict",
     "offset_learning_overhead",
     "segment",

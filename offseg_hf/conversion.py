@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .data.tables import DATASET_NAMES, DatasetInfo, dataset_for_num_labels, get_dataset_info
+from .image_processing_offseg import build_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ __all__ = [
     "BackboneLoadReport",
     "ConversionError",
     "ConversionResult",
-    "build_image_processor",
     "convert_any_checkpoint",
     "convert_backbone_checkpoint",
     "convert_checkpoint",
@@ -332,25 +332,6 @@ def resolve_dataset(num_labels: int, dataset: str | None = None, meta: Mapping |
     return info
 
 
-def build_image_processor(info: DatasetInfo):
-    """The image processor of the paper's test-time resize for ``info``'s dataset.
-
-    Keep-ratio resize into the protocol's ``scale`` of :data:`offseg_hf.inference.PROTOCOLS` (ADE20K,
-    COCO-Stuff: short side 512, long side ≤ 2048; Cityscapes: 2048×1024; Pascal Context: long side 520),
-    i.e. ``size={"shortest_edge": min(scale), "longest_edge": max(scale)}``; the reference normalisation;
-    ``do_reduce_labels`` as the dataset defines it. The sliding window on top of the resize is
-    :func:`offseg_hf.inference.segment_image`'s job (``mode="slide"``).
-    """
-    from .image_processing_offseg import OffSegImageProcessor
-    from .inference import get_protocol
-
-    scale = get_protocol(info.name).scale
-    return OffSegImageProcessor(
-        size={"shortest_edge": min(scale), "longest_edge": max(scale)},
-        do_reduce_labels=info.reduce_labels,
-    )
-
-
 def _account_for_keys(state_dict: Mapping[str, torch.Tensor], model) -> None:
     """Every checkpoint key is mapped onto a model key of the same shape, or dropped by design; every
     model key is provided. Raises :class:`ConversionError` naming the checkpoint's own keys."""
@@ -415,7 +396,7 @@ def _verify_folder(folder: Path, mapped: Mapping[str, torch.Tensor], reference_m
     * the reloaded model and ``reference_model`` (built in memory from the original tensors) give the
       same logits on a fixed input ``randn(1, 3, size, size)`` (generator seed 0).
     """
-    from .image_processing_offseg import OffSegImageProcessor
+    from transformers import AutoImageProcessor
 
     reloaded = type(reference_model).from_pretrained(folder).eval()
     saved = reloaded.state_dict()
@@ -436,7 +417,7 @@ def _verify_folder(folder: Path, mapped: Mapping[str, torch.Tensor], reference_m
         raise ConversionError(
             f"verify failed: max |saved - original| weight difference {weight_diff:.3g}, logits difference {logits_diff:.3g}"
         )
-    OffSegImageProcessor.from_pretrained(folder)  # the processor config must load as well
+    AutoImageProcessor.from_pretrained(folder)  # the processor config must load as well
     return {"max_weight_diff": weight_diff, "max_logits_diff": logits_diff, "logits_std": logits.std().item()}
 
 
@@ -528,7 +509,7 @@ def convert_checkpoint(
     except (CheckpointMismatchError, ConversionError) as error:
         raise ConversionError(f"{checkpoint} ({preset}, {info.name}): {error}") from None
     dropped = sorted(k for k in state_dict if is_dropped(k, model.config.classifier))
-    processor = build_image_processor(info)
+    processor = build_image_processor(info.name)
     num_parameters = sum(p.numel() for p in model.parameters())
     result = ConversionResult(output_dir, preset, info.name, info.num_labels, num_parameters, dropped_keys=dropped)
 
@@ -601,7 +582,7 @@ def convert_segformer_offset_checkpoint(
         raise ConversionError(f"{checkpoint}: {error}") from None
     model = SegformerOffsetForSemanticSegmentation(config).eval()
     model.load_state_dict(converted, strict=True)
-    processor = build_image_processor(info)
+    processor = build_image_processor(info.name)
     result = ConversionResult(
         output_dir, "segformer-offset", info.name, info.num_labels, sum(p.numel() for p in model.parameters()),
         dropped_keys=sorted(k for k in state_dict if k.startswith("decode_head.conv_seg.")),

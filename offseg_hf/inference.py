@@ -610,8 +610,9 @@ def segment_image(
         model: a semantic-segmentation model called as ``model(pixel_values=...)`` whose output has
             ``logits (B, K, h, w)`` at any fixed fraction of the input size (OffSeg: a quarter). Put it in eval
             mode first; it runs on its own device.
-        processor: the model's image processor (e.g. :class:`~offseg_hf.OffSegImageProcessor`); only its
-            resize and normalisation are used, with the sizes this function chooses.
+        processor: the model's image processor (for OffSeg folders a ``SegformerImageProcessor``, see
+            :func:`offseg_hf.build_image_processor`); only its resize and normalisation are used, with the sizes
+            this function chooses (mmcv's rounding, :func:`rescale_size`).
         image: PIL image (any mode, see :func:`offseg_hf.image_io.to_rgb`), or an ``(H, W, 3)`` / ``(3, H, W)``
             uint8 array or tensor.
         mode: ``"whole"`` (one pass on the resized image) or ``"slide"`` (sliding windows; the paper's setting).

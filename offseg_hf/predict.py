@@ -64,7 +64,8 @@ def load_model(path: str, device: str = "auto"):
 
     Returns:
         ``(model, processor)``: the model in eval mode on ``device``; the folder's image processor, or a
-        default :class:`~offseg_hf.image_processing_offseg.OffSegImageProcessor` when it has none.
+        processor of :func:`~offseg_hf.image_processing_offseg.build_image_processor` (ADE20K protocol) when it has
+        none (:func:`offseg_hf.segment` only uses its normalisation and resize, with sizes of its own).
 
     Raises:
         ModelLoadError: naming the folder and the files looked for.
@@ -72,9 +73,8 @@ def load_model(path: str, device: str = "auto"):
     import torch
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    from . import image_processing_offseg  # noqa: F401  (registers OffSeg with the Auto classes)
-    from . import modeling_offseg  # noqa: F401
-    from .image_processing_offseg import OffSegImageProcessor
+    from . import modeling_offseg  # noqa: F401  (registers OffSeg with the Auto classes)
+    from .image_processing_offseg import build_image_processor  # (and registers old OffSeg processors)
 
     folder = Path(path).expanduser()
     config_file = folder / "config.json"
@@ -99,7 +99,7 @@ def load_model(path: str, device: str = "auto"):
         )
         raise ModelLoadError(f"cannot load a segmentation model from {where}: {error}") from error
     if folder.is_dir() and not (folder / "preprocessor_config.json").is_file():
-        processor = OffSegImageProcessor()
+        processor = build_image_processor()
     else:
         try:
             processor = AutoImageProcessor.from_pretrained(source)

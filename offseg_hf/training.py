@@ -573,7 +573,8 @@ def build_trainer(config: TrainConfig):
     from offseg_hf.data.check import ensure_clean
     from offseg_hf.data.pipeline import ExampleTransform, SegmentationCollator, attach_transform
     from offseg_hf.data.transforms import build_test_transform, build_train_transform
-    from offseg_hf.image_processing_offseg import OffSegImageProcessor
+    from offseg_hf.evaluation import protocol_for
+    from offseg_hf.image_processing_offseg import build_image_processor
     from offseg_hf.metrics import SegmentationMetricsForTrainer, preprocess_logits_for_metrics
 
     num_processes = _num_processes(config.use_cpu)
@@ -647,7 +648,8 @@ def build_trainer(config: TrainConfig):
         dataloader_pin_memory=device_type == "cuda",  # pinning is for host-to-GPU copies (and warns on CPU)
         **config.extra,
     )
-    processor = OffSegImageProcessor()
+    # the same processor as a converted folder of this dataset (keep-ratio test resize, normalisation, label reduction)
+    processor = build_image_processor(config.dataset, scale=config.test_scale or protocol_for(config.dataset, config.image_size).scale)
     trainer_class, epoch_callback, time_budget, stop_on_interrupt = _trainer_classes()
     callbacks = [epoch_callback(train_transform), stop_on_interrupt()]
     if config.time_budget_s:

@@ -7,7 +7,7 @@ import torch
 
 from offseg_hf import OffSegForSemanticSegmentation
 from offseg_hf.cli import main
-from offseg_hf.image_processing_offseg import OffSegImageProcessor
+from offseg_hf.image_processing_offseg import build_image_processor
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def tiny_model_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_eval_model")
     torch.manual_seed(0)
     OffSegForSemanticSegmentation(tiny_config(4)).save_pretrained(path)
-    OffSegImageProcessor().save_pretrained(path)
+    build_image_processor("synthetic", scale=(32, 32)).save_pretrained(path)
     return path
 
 

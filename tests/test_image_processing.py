@@ -1,5 +1,9 @@
-"""OffSegImageProcessor, following transformers' SegFormer image-processor tests (shapes, labels, post-processing,
-save/load) plus the reference normalisation of the OffSeg code."""
+"""OffSeg's image processor: transformers' SegformerImageProcessor as :func:`build_image_processor` configures it.
+
+Checked here: the configuration per dataset, the reference normalisation, the keep-ratio resize (Transformers'
+rounding compared with mmcv's, :func:`offseg_hf.inference.rescale_size`), label maps, the bilinear post-processing,
+saving as a built-in class (no ``auto_map``, no code), and loading folders saved by the old OffSegImageProcessor.
+"""
 
 from __future__ import annotations
 
@@ -11,219 +15,196 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import AutoImageProcessor, SegformerImageProcessor
 
-from offseg_hf.image_processing_offseg import OFFSEG_IMAGE_MEAN, OFFSEG_IMAGE_STD, OffSegImageProcessor, reduce_labels
+from offseg_hf.image_processing_offseg import OFFSEG_IMAGE_MEAN, OFFSEG_IMAGE_STD, OffSegImageProcessor, build_image_processor
+from offseg_hf.inference import PROTOCOLS, rescale_size
 
-SIZE = {"height": 30, "width": 30}
-BATCH = 7
-
-
-def _images(kind: str, equal: bool = False, channels: int = 3, seed: int = 0):
-    """Seven random images of sizes 20..60, as PIL / numpy (H, W, C) / torch (C, H, W)."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for index in range(BATCH):
-        height, width = (40, 40) if equal else (20 + 5 * index, 60 - 5 * index)
-        array = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-        if kind == "pil":
-            images.append(Image.fromarray(array.squeeze(-1) if channels == 1 else array))
-        elif kind == "numpy":
-            images.append(array)
-        else:
-            images.append(torch.from_numpy(array).permute(2, 0, 1))
-    return images
+pytestmark = pytest.mark.torch_threads(1)
 
 
-def _ade_pair(batched: bool = False, seed: int = 0):
-    """Image(s) and ADE20K-style raw label map(s) with values 0..150, as PIL (like the SegFormer fixtures)."""
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for index in range(2 if batched else 1):
-        image = Image.fromarray(rng.integers(0, 256, (48 + index, 64, 3), dtype=np.uint8))
-        label = Image.fromarray(rng.integers(0, 151, (48 + index, 64), dtype=np.uint8))
-        pairs.append((image, label))
-    if batched:
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-    return pairs[0]
+def _shape(processor, height: int, width: int) -> tuple[int, int]:
+    image = Image.fromarray(np.zeros((height, width, 3), dtype=np.uint8))
+    return tuple(processor(image, return_tensors="pt").pixel_values.shape[-2:])
 
 
-@pytest.fixture
-def processor() -> OffSegImageProcessor:
-    return OffSegImageProcessor(size=SIZE)
-
-
-def test_properties_and_defaults():
-    processor = OffSegImageProcessor()
-    for name in ("do_resize", "size", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std"):
-        assert hasattr(processor, name), name
-    assert (processor.size.height, processor.size.width) == (512, 512)
-    assert processor.do_reduce_labels is False and processor.do_convert_rgb is True
-    assert processor.rescale_factor == pytest.approx(1 / 255)
+@pytest.mark.parametrize(
+    "dataset, short, long, reduce",
+    [("ade20k", 512, 2048, True), ("ADE20K", 512, 2048, True), ("coco-stuff", 512, 2048, False),
+     ("cityscapes", 1024, 2048, False), ("pascal-context", 520, 520, True)],
+)
+def test_one_processor_per_dataset(dataset, short, long, reduce):
+    processor = build_image_processor(dataset)
+    assert type(processor) is SegformerImageProcessor  # the built-in class, not a subclass
+    assert (processor.size.shortest_edge, processor.size.longest_edge) == (short, long)
+    assert processor.size.height is None and processor.size.width is None  # keep ratio, no fixed square
+    assert processor.do_reduce_labels is reduce and processor.do_convert_rgb is True and processor.do_resize is True
+    assert processor.rescale_factor == pytest.approx(1 / 255) and processor.backend == "torchvision"
     np.testing.assert_allclose(np.array(processor.image_mean) * 255, [123.675, 116.28, 103.53], rtol=1e-12)
     np.testing.assert_allclose(np.array(processor.image_std) * 255, [58.395, 57.12, 57.375], rtol=1e-12)
-    assert processor.backend == "torchvision"
-    overridden = OffSegImageProcessor(size={"height": 42, "width": 42}, do_reduce_labels=True)
-    assert (overridden.size.height, overridden.size.width) == (42, 42) and overridden.do_reduce_labels
+    assert tuple(processor.image_mean) == OFFSEG_IMAGE_MEAN and tuple(processor.image_std) == OFFSEG_IMAGE_STD
 
 
-def test_normalisation_matches_reference_formula(processor):
+def test_build_image_processor_options_and_errors():
+    synthetic = build_image_processor("synthetic", scale=(64, 64))
+    assert (synthetic.size.shortest_edge, synthetic.size.longest_edge, synthetic.do_reduce_labels) == (64, 64, False)
+    custom = build_image_processor("ade20k", scale=(1024, 256), do_reduce_labels=False)
+    assert (custom.size.shortest_edge, custom.size.longest_edge, custom.do_reduce_labels) == (256, 1024, False)
+    with pytest.raises(ValueError, match="synthetic.*scale"):
+        build_image_processor("synthetic")
+    with pytest.raises(ValueError, match="unknown test protocol 'voc'"):
+        build_image_processor("voc")
+    with pytest.raises(ValueError, match="scale must be two positive integers"):
+        build_image_processor("ade20k", scale=(512,))
+
+
+def test_normalisation_matches_reference_formula():
     array = np.random.default_rng(1).integers(0, 256, (17, 23, 3), dtype=np.uint8)
-    pixel_values = processor(Image.fromarray(array), do_resize=False, return_tensors="pt").pixel_values
+    pixel_values = build_image_processor()(Image.fromarray(array), do_resize=False, return_tensors="pt").pixel_values
     expected = (array.astype(np.float64) - [123.675, 116.28, 103.53]) / [58.395, 57.12, 57.375]
-    assert pixel_values.shape == (1, 3, 17, 23)
+    assert pixel_values.shape == (1, 3, 17, 23) and pixel_values.dtype == torch.float32
     np.testing.assert_allclose(pixel_values[0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["pil", "numpy", "torch"])
-def test_call_shapes(processor, kind):
-    images = _images(kind)
-    single = processor(images[0], return_tensors="pt").pixel_values
-    assert single.shape == (1, 3, 30, 30) and single.dtype == torch.float32
-    batch = processor(images, return_tensors="pt").pixel_values
-    assert batch.shape == (BATCH, 3, 30, 30)
-    torch.testing.assert_close(batch[0], single[0])
+# (height, width) → output of the ADE20K keep-ratio resize with Transformers' rounding (long side truncated)
+ADE20K_SIZES = {
+    (512, 683): (512, 683),  # already at the protocol scale: unchanged
+    (683, 512): (683, 512),
+    (256, 384): (512, 768),  # upscaled, exact ratio
+    (1024, 1536): (512, 768),  # downscaled, exact ratio
+    (300, 400): (512, 682),  # 682.67: mmcv rounds to 683
+    (480, 640): (512, 682),
+    (1080, 1920): (512, 910),  # 910.2
+    (1000, 5000): (410, 2048),  # long side capped at 2048 (short side 409.6 → 410)
+    (7, 3000): (5, 2048),
+}
 
 
-def test_four_channel_and_grayscale_inputs(processor):
-    rgba = _images("numpy", channels=4)
-    assert processor(rgba, return_tensors="pt").pixel_values.shape == (BATCH, 3, 30, 30)
-    grey = _images("pil", channels=1)
+def test_keep_ratio_resize_against_mmcv_rounding():
+    processor = build_image_processor("ade20k")
+    for (height, width), expected in ADE20K_SIZES.items():
+        ours = _shape(processor, height, width)
+        assert ours == expected, (height, width)
+        reference = rescale_size(height, width, PROTOCOLS["ade20k"].scale)  # mmcv imrescale: half up
+        short = 0 if height <= width else 1
+        assert ours[short] == reference[short], (height, width)  # the short side always agrees
+        # the long side: truncated here, rounded half up by mmcv; they differ by one pixel at most
+        assert reference[1 - short] - ours[1 - short] in (0, 1), (height, width)
+    # Cityscapes' 2048×1024 frames keep their size; Pascal Context's long side becomes 520
+    assert _shape(build_image_processor("cityscapes"), 1024, 2048) == (1024, 2048)
+    assert _shape(build_image_processor("pascal-context"), 375, 500) == (390, 520)
+
+
+def test_grey_and_rgba_inputs_become_rgb():
+    processor = build_image_processor()
+    grey = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80), dtype=np.uint8))
     pixel_values = processor(grey, return_tensors="pt").pixel_values
-    assert pixel_values.shape == (BATCH, 3, 30, 30)
-    # grey copied to R, G, B: after normalisation the channels differ only by the per-channel statistics
+    assert pixel_values.shape == (1, 3, 512, 640)
     restored = pixel_values * torch.tensor(OFFSEG_IMAGE_STD).view(3, 1, 1) + torch.tensor(OFFSEG_IMAGE_MEAN).view(3, 1, 1)
-    torch.testing.assert_close(restored[:, 0], restored[:, 2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(restored[:, 0], restored[:, 2], atol=1e-5, rtol=0)  # grey copied to R, G, B
+    rgba = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 4), dtype=np.uint8), mode="RGBA")
+    assert processor(rgba, return_tensors="pt").pixel_values.shape == (1, 3, 512, 640)
 
 
-def test_call_segmentation_maps(processor):
-    images = _images("torch")
-    maps = [torch.zeros(image.shape[-2:], dtype=torch.long) for image in images]
-    encoding = processor(images[0], maps[0], return_tensors="pt")
-    assert encoding["pixel_values"].shape == (1, 3, 30, 30)
-    assert encoding["labels"].shape == (1, 30, 30) and encoding["labels"].dtype == torch.long
-
-    encoding = processor(images, maps, return_tensors="pt")
-    assert encoding["pixel_values"].shape == (BATCH, 3, 30, 30)
-    assert encoding["labels"].shape == (BATCH, 30, 30) and encoding["labels"].dtype == torch.long
-    assert encoding["labels"].min() >= 0 and encoding["labels"].max() <= 255
-
-    image, label = _ade_pair()
-    encoding = processor(image, label, return_tensors="pt")
-    assert encoding["labels"].shape == (1, 30, 30)
-    images, labels = _ade_pair(batched=True)
-    encoding = processor(images, labels, return_tensors="pt")
-    assert encoding["pixel_values"].shape == (2, 3, 30, 30) and encoding["labels"].shape == (2, 30, 30)
-
-
-def test_segmentation_maps_are_resized_nearest():
-    """Labels keep their values: nearest resizing invents no class (bilinear would create 1.5 between 1 and 2)."""
-    label = np.zeros((40, 40), dtype=np.uint8)
-    label[:, 20:] = 7
-    label[20:, :] = 200
-    processor = OffSegImageProcessor(size={"height": 13, "width": 17})
-    encoding = processor(np.zeros((40, 40, 3), np.uint8), label, return_tensors="pt")
-    assert set(encoding["labels"].unique().tolist()) == {0, 7, 200}
-    assert encoding["labels"][0, 0, 0] == 0 and encoding["labels"][0, 0, -1] == 7 and encoding["labels"][0, -1, 0] == 200
-
-
-def test_reduce_labels(processor):
-    image, label = _ade_pair()
-    encoding = processor(image, label, return_tensors="pt")
-    assert encoding["labels"].min() >= 0 and encoding["labels"].max() <= 150
-
-    processor.do_reduce_labels = True
-    encoding = processor(image, label, do_resize=False, return_tensors="pt")
-    raw = torch.from_numpy(np.array(label)).long()
-    expected = torch.where(raw == 0, 255, raw - 1)
-    torch.testing.assert_close(encoding["labels"][0], expected)
-
-    images, labels = _ade_pair(batched=True)
-    assert len(processor(images, labels, return_tensors="pt")["labels"]) == len(labels)
+def test_label_maps_follow_the_image_nearest_and_reduced():
+    """ADE20K raw annotations: resized with the image (nearest: no invented class), 0 → 255, v → v − 1."""
+    processor = build_image_processor("ade20k")
+    label = np.zeros((40, 60), dtype=np.uint8)
+    label[:, 30:] = 7
+    label[20:, :] = 150
+    encoding = processor(np.zeros((40, 60, 3), np.uint8), label, return_tensors="pt")
+    assert encoding["pixel_values"].shape == (1, 3, 512, 768)
+    assert encoding["labels"].shape == (1, 512, 768) and encoding["labels"].dtype == torch.int64
+    assert set(encoding["labels"].unique().tolist()) == {255, 6, 149}
+    assert encoding["labels"][0, 0, 0] == 255 and encoding["labels"][0, 0, -1] == 6 and encoding["labels"][0, -1, 0] == 149
+    kept = build_image_processor("coco-stuff")(np.zeros((40, 60, 3), np.uint8), label, return_tensors="pt")
+    assert set(kept["labels"].unique().tolist()) == {0, 7, 150}
     # pixel values are never label-reduced
-    torch.testing.assert_close(
-        processor(image, return_tensors="pt").pixel_values,
-        OffSegImageProcessor(size=SIZE)(image, return_tensors="pt").pixel_values,
-    )
+    torch.testing.assert_close(encoding["pixel_values"], kept["pixel_values"])
 
 
-def test_reduce_labels_function():
-    raw = torch.tensor([[0, 1, 2], [150, 254, 255]], dtype=torch.uint8)
-    assert reduce_labels(raw).tolist() == [[255, 0, 1], [149, 253, 255]]
-    assert reduce_labels(raw).dtype == torch.uint8
-    with pytest.raises(TypeError, match="float"):
-        reduce_labels(raw.float())
-
-
-def _logits(batch: int = BATCH, num_labels: int = 5, height: int = 8, width: int = 12):
-    return SimpleNamespace(logits=torch.randn(batch, num_labels, height, width, generator=torch.Generator().manual_seed(0)))
-
-
-def test_post_process_semantic_segmentation(processor):
-    outputs = _logits()
-    segmentation = processor.post_process_semantic_segmentation(outputs)
-    assert len(segmentation) == BATCH and segmentation[0].shape == (8, 12)
-    torch.testing.assert_close(segmentation[3], outputs.logits[3].argmax(0))
-
-    detailed = processor.post_process_semantic_segmentation(outputs, return_segmentation_scores=True)
-    assert torch.equal(detailed[0].segmentation, segmentation[0])
-    assert detailed[0].segmentation_scores.shape == (5, 8, 12)
-
-
-def test_post_process_target_sizes_are_height_width(processor):
-    outputs = _logits(batch=2)
+def test_post_processing_upsamples_bilinearly_to_height_width():
+    outputs = SimpleNamespace(logits=torch.randn(2, 5, 8, 12, generator=torch.Generator().manual_seed(0)))
+    processor = build_image_processor()
     target_sizes = [(1, 4), (37, 53)]  # (height, width), non-square
     resized = processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
     assert [tuple(label_map.shape) for label_map in resized] == target_sizes
     expected = F.interpolate(outputs.logits[1:2], size=(37, 53), mode="bilinear", align_corners=False)[0].argmax(0)
     torch.testing.assert_close(resized[1], expected)
-
-    detailed = processor.post_process_semantic_segmentation(
-        outputs, target_sizes=torch.tensor(target_sizes), return_segmentation_scores=True
-    )
-    assert torch.equal(detailed[0].segmentation, resized[0])
-    assert detailed[1].segmentation_scores.shape == (5, 37, 53)
-
-    with pytest.raises(ValueError, match="target sizes"):
-        processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes + [(1, 4)])
-
-
-def test_only_semantic_post_processing(processor):
-    """The image-segmentation pipeline tries panoptic, then instance, then semantic by ``hasattr``."""
-    assert not hasattr(processor, "post_process_panoptic_segmentation")
+    assert not hasattr(processor, "post_process_panoptic_segmentation")  # the pipeline then takes the semantic branch
     assert not hasattr(processor, "post_process_instance_segmentation")
 
 
-def test_to_json_and_save_load_roundtrip(tmp_path):
-    processor = OffSegImageProcessor(size={"height": 64, "width": 96}, do_reduce_labels=True)
-    as_dict = json.loads(processor.to_json_string())
-    assert as_dict["size"] == {"height": 64, "width": 96} and as_dict["do_reduce_labels"] is True
-    assert as_dict["image_processor_type"] == "OffSegImageProcessor"
-
-    json_file = tmp_path / "processor.json"
-    processor.to_json_file(json_file)
-    assert OffSegImageProcessor.from_json_file(json_file).to_dict() == processor.to_dict()
-
-    processor.save_pretrained(tmp_path / "saved")
-    saved = json.loads((tmp_path / "saved" / "preprocessor_config.json").read_text())
-    assert saved["size"] == {"height": 64, "width": 96}
-    assert saved["auto_map"]["AutoImageProcessor"] == "image_processing_offseg.OffSegImageProcessor"
-    assert (tmp_path / "saved" / "image_processing_offseg.py").is_file()  # remote-code copy
-    loaded = OffSegImageProcessor.from_pretrained(tmp_path / "saved")
-    assert loaded.to_dict() == processor.to_dict()
+def test_saved_folder_names_the_built_in_class_and_ships_no_code(tmp_path):
+    processor = build_image_processor("cityscapes")
+    processor.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"preprocessor_config.json"}  # no image_processing_*.py copy
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "SegformerImageProcessor" and "auto_map" not in saved
+    assert saved["size"] == {"shortest_edge": 1024, "longest_edge": 2048} and saved["do_reduce_labels"] is False
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is SegformerImageProcessor and loaded.to_dict() == processor.to_dict()
 
 
-def test_auto_image_processor_resolves_offseg(tmp_path):
-    from transformers import AutoImageProcessor
+# preprocessor_config.json as offseg-hf 0.1's OffSegImageProcessor wrote it (converted ADE20K folder)
+LEGACY_CONFIG = {
+    "auto_map": {"AutoImageProcessor": "image_processing_offseg.OffSegImageProcessor"},
+    "do_convert_rgb": True, "do_normalize": True, "do_reduce_labels": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.485, 0.456, 0.406], "image_processor_type": "OffSegImageProcessor",
+    "image_std": [0.229, 0.22399999999999998, 0.225], "resample": 2, "rescale_factor": 0.00392156862745098,
+    "size": {"longest_edge": 2048, "shortest_edge": 512},
+}
 
+
+def test_old_offseg_folders_still_load_and_migrate(tmp_path):
+    """With offseg_hf imported, the registered alias resolves an old folder locally (no remote code, no prompt:
+    ``trust_remote_code`` is left unset and the folder ships no code here); saving it writes the built-in class."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "preprocessor_config.json").write_text(json.dumps(LEGACY_CONFIG))
+    loaded = AutoImageProcessor.from_pretrained(old)
+    assert type(loaded) is OffSegImageProcessor and isinstance(loaded, SegformerImageProcessor)
+    array = np.random.default_rng(2).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    torch.testing.assert_close(
+        loaded(array, return_tensors="pt").pixel_values, build_image_processor()(array, return_tensors="pt").pixel_values
+    )
+    loaded.save_pretrained(tmp_path / "migrated")
+    migrated = json.loads((tmp_path / "migrated" / "preprocessor_config.json").read_text())
+    assert migrated["image_processor_type"] == "SegformerImageProcessor" and "auto_map" not in migrated
+    assert type(AutoImageProcessor.from_pretrained(tmp_path / "migrated")) is SegformerImageProcessor
+
+
+def test_model_config_only_folder_gets_a_processor(tmp_path):
     from offseg_hf.configuration_offseg import OffSegConfig
 
-    OffSegImageProcessor(size={"height": 48, "width": 48}).save_pretrained(tmp_path)
-    loaded = AutoImageProcessor.from_pretrained(tmp_path)
-    assert type(loaded) is OffSegImageProcessor and loaded.size.height == 48
+    OffSegConfig.from_preset("offseg-t", num_labels=3).save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 40, "width": 40}}))
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)  # resolved through the OffSegConfig registration
+    assert isinstance(loaded, SegformerImageProcessor) and loaded.size.height == 40
 
-    # only a model config in the folder: the registration of OffSegConfig picks the processor
-    config_only = tmp_path / "config_only"
-    OffSegConfig.from_preset("offseg-t", num_labels=3).save_pretrained(config_only)
-    (config_only / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 40, "width": 40}}))
-    loaded = AutoImageProcessor.from_pretrained(config_only)
-    assert type(loaded) is OffSegImageProcessor and loaded.size.height == 40
+
+@pytest.mark.parametrize("dataset", ["ade20k", "synthetic"])
+def test_trained_folders_save_the_processor_of_converted_folders(dataset, tmp_path):
+    """``offseg train`` saves the processor that ``offseg convert`` writes for the same dataset (one builder)."""
+    from test_training import tiny_config
+
+    from offseg_hf import OffSegForSemanticSegmentation
+    from offseg_hf.training import build_trainer, resolve_config
+
+    options = {"dataset": dataset, "output_dir": str(tmp_path / "run"), "max_steps": 1, "num_workers": 0,
+               "use_cpu": True}
+    if dataset == "ade20k":  # a two-image ADEChallengeData2016 layout
+        rng = np.random.default_rng(0)
+        for split, stem in (("training", "ADE_train_00000001"), ("validation", "ADE_val_00000001")):
+            for kind, array in (("images", rng.integers(0, 256, (40, 48, 3))), ("annotations", rng.integers(0, 151, (40, 48)))):
+                (tmp_path / "ade" / kind / split).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array.astype(np.uint8)).save(tmp_path / "ade" / kind / split / f"{stem}.{'jpg' if kind == 'images' else 'png'}")
+        options["data_dir"] = str(tmp_path / "ade")
+        num_labels, expected = 150, build_image_processor("ade20k")
+    else:
+        options.update(num_labels=4, image_size=32, train_samples=2, eval_samples=2)
+        num_labels, expected = 4, build_image_processor("synthetic", scale=(32, 32))
+    OffSegForSemanticSegmentation(tiny_config(num_labels)).save_pretrained(tmp_path / "model")
+    options["model"] = str(tmp_path / "model")
+    _, processor = build_trainer(resolve_config(options))
+    assert type(processor) is SegformerImageProcessor and processor.to_dict() == expected.to_dict()

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.image_processing_offseg import OffSegImageProcessor
+from offseg_hf.image_processing_offseg import build_image_processor
 from offseg_hf.inference import (
     PROTOCOLS,
     SegmentationProtocol,
@@ -46,8 +46,8 @@ def model() -> OffSegForSemanticSegmentation:
 
 
 @pytest.fixture(scope="module")
-def processor() -> OffSegImageProcessor:
-    return OffSegImageProcessor()
+def processor():
+    return build_image_processor("ade20k")
 
 
 def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -305,7 +305,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import numpy as np, torch, torch.nn.functional as F
 
     from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-    from offseg_hf.image_processing_offseg import OffSegImageProcessor
+    from offseg_hf.image_processing_offseg import build_image_processor
     from offseg_hf.inference import segment_image, slide_windows
 
     def status(field):
@@ -324,7 +324,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     K, H, W = 150, 1024, 1536
     model = Recording(OffSegForSemanticSegmentation(OffSegConfig.from_preset("offseg-t", num_labels=K)).eval())
-    processor = OffSegImageProcessor()
+    processor = build_image_processor("ade20k")
     y, x = np.mgrid[0:H, 0:W]
     image = np.stack([x * 255 // W, y * 255 // H, ((x // 97 + y // 61) % 2) * 255], -1).astype(np.uint8)
     segment_image(model, processor, image[:64, :64], mode="slide")  # warm-up

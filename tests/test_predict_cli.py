@@ -18,7 +18,7 @@ from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
 from offseg_hf.cli import main
 from offseg_hf.data.tables import get_dataset_info, palette_array
 from offseg_hf.image_io import load_image, to_rgb
-from offseg_hf.image_processing_offseg import OffSegImageProcessor
+from offseg_hf.image_processing_offseg import build_image_processor
 from offseg_hf.visualize import deterministic_palette, overlay_layout
 
 FAST = ["--scale", "128", "64", "--quiet"]  # short side 64: fast on CPU
@@ -36,7 +36,7 @@ def ade_model(tmp_path_factory) -> Path:
     config = OffSegConfig.from_preset("offseg-t", num_labels=150, id2label=info.id2label, label2id=info.label2id)
     path = tmp_path_factory.mktemp("ade-model")
     OffSegForSemanticSegmentation(config).save_pretrained(path)
-    OffSegImageProcessor().save_pretrained(path)
+    build_image_processor("ade20k").save_pretrained(path)
     return path
 
 

@@ -207,11 +207,11 @@ def test_two_process_accelerate_launch_cpu(tiny_model_dir, tmp_path):
     # equals a single-process evaluation of the saved model
     from offseg_hf.data.loading import load_segmentation_dataset
     from offseg_hf.evaluation import evaluate_model, protocol_for
-    from offseg_hf.image_processing_offseg import OffSegImageProcessor
+    from transformers import AutoImageProcessor
 
     model = OffSegForSemanticSegmentation.from_pretrained(output).eval()
     data = load_segmentation_dataset("synthetic", "validation", num_labels=4, num_samples=3, image_size=32, seed=0)
-    single = evaluate_model(model, OffSegImageProcessor.from_pretrained(output), data, 4,
+    single = evaluate_model(model, AutoImageProcessor.from_pretrained(output), data, 4,
                             protocol=protocol_for("synthetic", 32), progress=False)
     assert single["num_images"] == 3
     assert metrics["eval_mIoU"] == pytest.approx(single["mIoU"], abs=1e-6)

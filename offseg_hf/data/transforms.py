@@ -38,7 +38,7 @@ from torchvision.transforms.v2 import functional as F
 
 from offseg_hf.data.loading import IGNORE_INDEX  # the label tables' ignore value
 
-# ImageNet statistics on 0-255 RGB (the values of OffSegImageProcessor and of the reference configs).
+# ImageNet statistics on 0-255 RGB (the reference configs'; image_processing_offseg divides them by 255).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
