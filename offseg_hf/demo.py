@@ -509,14 +509,14 @@ def export_space(directory: str | os.PathLike, models: Sequence[str], title: str
         The files written at the top of ``directory`` (the package copy is ``directory/offseg_hf``).
     """
     gr = _gradio()
-    from .predict import _HUB_ID
+    from .predict import HUB_ID
 
     if not models:
         raise ValueError("give at least one model (--model REPO) for the Space")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     title = title or f"OffSeg: {Path(models[0]).name}"
-    hub_ids = [model for model in models if _HUB_ID.match(model) and not Path(model).exists()]
+    hub_ids = [model for model in models if HUB_ID.match(model) and not Path(model).exists()]
     package = directory / "offseg_hf"
     if package.exists():
         shutil.rmtree(package)

@@ -1,7 +1,8 @@
 """Run ``offseg train`` and SIGKILL it at the N-th file-system write of one checkpoint save (a test helper).
 
 Environment: ``KILL_IN`` (a path fragment, e.g. ``checkpoint-4``), ``KILL_AT`` (1-based index of the write
-event to die at; 0 = never), ``KILL_SIGNAL`` (``SIGKILL``, default, to this process; ``SIGINT`` to the
+event to die at, 0 = never; or ``before:NAME``, the first write of a file named NAME; or ``rename``, the first
+rename), ``KILL_SIGNAL`` (``SIGKILL``, default, to this process; ``SIGINT`` to the
 whole process group, as Ctrl-C in a terminal does) and optionally ``KILL_LOG`` (a file that receives every
 counted event).
 Counted events are Python's audit events for opening a file for writing, renames and tree removals whose
@@ -13,7 +14,7 @@ import signal
 import sys
 
 FRAGMENT = os.environ["KILL_IN"]
-TARGET = int(os.environ.get("KILL_AT", "0"))
+TARGET = os.environ.get("KILL_AT", "0")
 LOG = os.environ.get("KILL_LOG")
 SIGNAL = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
 _count = 0
@@ -40,7 +41,13 @@ def _hook(event, args):
     if LOG:
         with open(LOG, "a") as log:  # not counted: the log path does not contain FRAGMENT
             log.write(f"{_count} {event} {' '.join(paths)}\n")
-    if _count == TARGET:
+    if TARGET.isdigit():
+        hit = _count == int(TARGET)
+    elif TARGET.startswith("before:"):
+        hit = event == "open" and os.path.basename(paths[0]) == TARGET[len("before:"):]
+    else:
+        hit = TARGET == "rename" and event == "os.rename"
+    if hit:
         if SIGNAL == signal.SIGKILL:
             os.kill(os.getpid(), signal.SIGKILL)
         else:

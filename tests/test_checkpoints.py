@@ -60,15 +60,14 @@ def reference(tiny_model_dir, tmp_path_factory) -> dict[int, float]:
 
 
 # (save that is hit, write event of that save at which the process dies, checkpoint the resume must use).
-# The events of a save of checkpoint-4, in order (tests/kill_during_save.py counts them): 1 clearing the staging
-# folder, 2-6 the remote-code files, 7 config.json (the weights follow it), 8-10 the processor files, 11
-# trainer_state.json (optimizer, scheduler and RNG states are written before it, by torch), 12 its rewrite
-# with the best-model path, 13 the rename into place. Dying at checkpoint-6's first event = after the rename.
-KILL_POINTS = [("checkpoint-4", 2, 2), ("checkpoint-4", 7, 2), ("checkpoint-4", 11, 2), ("checkpoint-4", 13, 2),
-               ("checkpoint-6", 1, 4)]
+# Events of a save of checkpoint-4 (tests/kill_during_save.py): the first remote-code file, config.json (the
+# weights follow it), trainer_state.json (optimizer, scheduler and RNG states are written before it, by torch),
+# the rename into place; dying at checkpoint-6's first event = after checkpoint-4's rename.
+KILL_POINTS = [("checkpoint-4", "before:modeling_offseg.py", 2), ("checkpoint-4", "before:config.json", 2),
+               ("checkpoint-4", "before:trainer_state.json", 2), ("checkpoint-4", "rename", 2),
+               ("checkpoint-6", "1", 4)]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fragment, event, resumed_from", KILL_POINTS)
 def test_sigkill_during_save_then_resume_is_identical(tiny_model_dir, tmp_path, reference, fragment, event,
                                                       resumed_from):

@@ -55,7 +55,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
     segformer.save_pretrained(folders["segformer"])
     SegformerImageProcessor().save_pretrained(folders["segformer"])
     folders["segformer_offset"] = tmp_path_factory.mktemp("segformer_offset")
-    add_offset_learning(segformer, verbose=False).save_pretrained(folders["segformer_offset"])
+    add_offset_learning(segformer).save_pretrained(folders["segformer_offset"])
     SegformerImageProcessor().save_pretrained(folders["segformer_offset"])
     return folders
 

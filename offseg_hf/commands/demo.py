@@ -10,7 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .predict import add_protocol_arguments, check_protocol_arguments
+try:
+    from .predict import add_protocol_arguments, check_protocol_arguments
+except ImportError:  # read from its file by the CLI's fast path (see offseg_hf.cli), outside the package
+    import importlib.util
+    from pathlib import Path
+
+    _spec = importlib.util.spec_from_file_location("_offseg_cli_predict", Path(__file__).with_name("predict.py"))
+    _predict = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_predict)
+    add_protocol_arguments, check_protocol_arguments = _predict.add_protocol_arguments, _predict.check_protocol_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,7 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tta", action="store_true", help="multi-scale (0.5-1.75) + horizontal flip test-time augmentation")
     add_protocol_arguments(parser)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
