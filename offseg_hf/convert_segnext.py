@@ -94,7 +94,7 @@ def segnext_key(key: str) -> str:
 
 def is_segnext_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """Whether a reference state dict is a SegNeXt (plain or with offset learning) segmentation checkpoint."""
-    return "backbone.patch_embed1.proj.0.weight" in state_dict and "decode_head.hamburger.ham_in.conv.weight" in state_dict
+    return "backbone.patch_embed1.proj.0.weight" in state_dict and any(k.startswith("decode_head.hamburger.") for k in state_dict)
 
 
 def is_mscan_backbone_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -131,8 +131,11 @@ def segnext_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], **kwa
         example = ", ".join(repr(k) for k in list(state_dict)[:3])
         raise CheckpointMismatchError(f"not a SegNeXt checkpoint (no MSCAN backbone + Hamburger head; first keys: {example})")
     variant = detect_mscan_variant(state_dict, prefix="backbone.")
-    channels = int(state_dict["decode_head.hamburger.ham_in.conv.weight"].shape[0])
-    width = int(state_dict["decode_head.align.conv.weight"].shape[0])
+    try:
+        channels = int(state_dict["decode_head.squeeze.conv.weight"].shape[0])
+        width = int(state_dict["decode_head.align.conv.weight"].shape[0])
+    except KeyError as error:
+        raise CheckpointMismatchError(f"SegNeXt checkpoint without {error.args[0]!r}") from None
     if "decode_head.offset_learning.cls_repr" in state_dict:
         classifier = "offset_learning"
         num_labels = int(state_dict["decode_head.offset_learning.cls_repr"].shape[-2])
@@ -160,13 +163,22 @@ def preset_name(config: SegNextConfig) -> str:
     return "segnext-custom"
 
 
-def _check_against(converted: dict[str, torch.Tensor], expected: Mapping[str, tuple], problems: list[str], what: str):
+def _check_against(
+    converted: dict[str, torch.Tensor], sources: Mapping[str, str], expected: Mapping[str, tuple], problems: list[str], what: str
+):
+    """Every model key provided with its shape, nothing else; problems name the checkpoint key and ours."""
     for key, shape in expected.items():
         if key not in converted:
-            problems.append(f"missing key {key!r} (expected shape {shape})")
+            problems.append(f"missing key {key!r} (expected shape {shape}): the checkpoint has no tensor for it")
         elif tuple(converted[key].shape) != shape:
-            problems.append(f"wrong shape for {key!r}: checkpoint {tuple(converted[key].shape)}, model {shape}")
-    problems.extend(f"unexpected key {key!r} (no such parameter in the model)" for key in converted if key not in expected)
+            problems.append(
+                f"wrong shape for {sources[key]!r} ({key!r}): checkpoint {tuple(converted[key].shape)}, model {shape}"
+            )
+    problems.extend(
+        f"unexpected key {sources[key]!r} (shape {tuple(converted[key].shape)}): maps to {key!r}, which the model lacks"
+        for key in converted
+        if key not in expected
+    )
     if problems:
         raise CheckpointMismatchError(
             f"the checkpoint does not match {what} ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
@@ -192,6 +204,7 @@ def convert_segnext_state_dict(
     if config is None:
         config = segnext_config_from_state_dict(state_dict)
     converted: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
     dropped: list[str] = []
     problems: list[str] = []
     for key, value in state_dict.items():
@@ -206,10 +219,11 @@ def convert_segnext_state_dict(
         if new_key.endswith("offset_learning.class_embeddings") and value.ndim == 3:
             value = value.reshape(value.shape[-2:])
         converted[new_key] = value
+        sources[new_key] = key
     with torch.device("meta"):
         model = SegNextForSemanticSegmentation(config)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    _check_against(converted, expected, problems, f"{preset_name(config)} ({config.num_labels} classes)")
+    _check_against(converted, sources, expected, problems, f"{preset_name(config)} ({config.num_labels} classes)")
     return config, converted, dropped
 
 
@@ -227,6 +241,7 @@ def convert_mscan_state_dict(
     if config is None:
         config = MscanConfig.from_variant(detect_mscan_variant(state_dict), out_features=["stage2", "stage3", "stage4"])
     converted: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
     dropped: list[str] = []
     problems: list[str] = []
     for key, value in state_dict.items():
@@ -234,12 +249,13 @@ def convert_mscan_state_dict(
             dropped.append(key)
             continue
         try:
-            converted[mscan_key(key)] = value
+            new_key = mscan_key(key)
+            converted[new_key], sources[new_key] = value, key
         except CheckpointMismatchError:
             problems.append(f"unexpected key {key!r} (shape {tuple(value.shape)}): no MSCAN parameter has this name")
     with torch.device("meta"):
         expected = {key: tuple(value.shape) for key, value in MscanBackbone(config).state_dict().items()}
-    _check_against(converted, expected, problems, f"MSCAN ({config.hidden_sizes}, depths {config.depths})")
+    _check_against(converted, sources, expected, problems, f"MSCAN ({config.hidden_sizes}, depths {config.depths})")
     return config, converted, dropped
 
 
