@@ -135,9 +135,9 @@ class SegNextConfig(PreTrainedConfig):
             iterations in training and in evaluation.
         nmf_inv_t (`float`, defaults to 1.0): inverse temperature of the softmax that initialises the NMF
             coefficients. The reference configs say 100, but its ``NMF2D`` overwrites that with 1; 1 reproduces it.
-        nmf_eval_seed (`int` or `None`, defaults to 0): in evaluation mode the NMF bases are drawn from a fresh
-            ``torch.Generator`` seeded with this value at every forward, once, and shared by every image of the
-            batch: identical inputs give identical logits in every call and process. `None` draws them like the
+        nmf_eval_seed (`int` or `None`, defaults to 0): in evaluation mode the NMF bases are one draw from a
+            ``torch.Generator`` seeded with this value, shared by every image of the batch: identical inputs give
+            identical logits in every call, batch and process. `None` draws them like the
             reference, from PyTorch's global random generator (one set per image), so predictions vary from
             call to call. Training always draws fresh bases from the global generator.
         classifier_dropout_prob (`float`, defaults to 0.1): channel dropout (``Dropout2d``) before the per-pixel

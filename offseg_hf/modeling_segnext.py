@@ -292,8 +292,9 @@ class SegNextNMF2D(nn.Module):
     * training, or ``nmf_eval_seed=None``: ``normalize(torch.rand(B, C, R))`` from PyTorch's global CPU generator,
       one set per image, new at every forward — exactly the reference (``torch.manual_seed(s)`` before the
       forward reproduces a reference run with the same seed);
-    * evaluation (default): one set drawn from ``torch.Generator().manual_seed(nmf_eval_seed)`` at every forward
-      and shared by the whole batch. Predictions are then a deterministic function of the image (the same in
+    * evaluation (default): one set drawn from ``torch.Generator().manual_seed(nmf_eval_seed)`` (the non-persistent
+      buffer ``eval_bases``, the same draw as a fresh seeded generator at every forward would give), shared by the
+      whole batch. Predictions are then a deterministic function of the image (the same in
       every call, process and batch composition) and the global random state is left untouched. The model
       still sees random-looking bases, only always the same ones: the reference's evaluation averages over
       bases draws, ours is one fixed draw (bases from another seed move reference logits by up to 0.8, the
@@ -307,18 +308,26 @@ class SegNextNMF2D(nn.Module):
         self.eval_steps = config.nmf_eval_steps
         self.inv_t = config.nmf_inv_t
         self.eval_seed = config.nmf_eval_seed
+        self.channels = config.hamburger_channels
+        # Not saved: re-derived from the seed (also when loading, by _init_weights). A buffer rather than a draw at
+        # every forward, so that it follows .to() and torch.export keeps it as a constant.
+        self.register_buffer("eval_bases", self.seeded_bases(), persistent=False)
 
     @staticmethod
     def draw_bases(batch: int, channels: int, rank: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Random bases as the reference draws them: ``normalize(rand(batch, channels, rank), dim=1)`` on the CPU."""
-        return F.normalize(torch.rand((batch, channels, rank), generator=generator), dim=1)
+        return F.normalize(torch.rand((batch, channels, rank), generator=generator, device="cpu"), dim=1)
+
+    def seeded_bases(self) -> torch.Tensor:
+        """The evaluation bases `(1, C, R)`: one draw from ``torch.Generator().manual_seed(nmf_eval_seed)`` (seed 0 if None)."""
+        generator = torch.Generator(device="cpu").manual_seed(self.eval_seed if self.eval_seed is not None else 0)
+        return self.draw_bases(1, self.channels, self.rank, generator)
 
     def initial_bases(self, batch: int, channels: int) -> torch.Tensor:
-        """The bases this forward starts from (CPU, float32), `(batch, channels, rank)`; see the class docstring."""
+        """The bases this forward starts from, `(batch, channels, rank)`; see the class docstring."""
         if self.training or self.eval_seed is None:
             return self.draw_bases(batch, channels, self.rank)
-        generator = torch.Generator().manual_seed(self.eval_seed)
-        return self.draw_bases(1, channels, self.rank, generator).expand(batch, -1, -1)
+        return self.eval_bases.expand(batch, -1, -1)
 
     @staticmethod
     def update_coefficients(x: torch.Tensor, bases: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
@@ -414,7 +423,7 @@ class SegNextPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """The reference init of the head (MSCAN initialises itself): convolutions Kaiming-normal (fan-out, ReLU) with
         zero bias, the per-pixel classifier ``N(0, 0.01)``, norms (1, 0), offset learning truncated normal
-        (std ``initializer_range``) for W and both projections."""
+        (std ``initializer_range``) for W and both projections; the NMF evaluation bases from their seed."""
         if isinstance(module, nn.Conv2d):
             if module is getattr(self, "classifier", None):
                 init.normal_(module.weight, mean=0.0, std=0.01)
@@ -425,6 +434,8 @@ class SegNextPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, SegNextNMF2D):
+            init.copy_(module.eval_bases, module.seeded_bases())
         elif isinstance(module, OffsetLearning):
             std = self.config.initializer_range
             init.trunc_normal_(module.class_embeddings, std=std)
