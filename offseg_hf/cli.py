@@ -17,7 +17,7 @@ COMMANDS = {
     "predict": "segment images and write label maps, overlays and class statistics",
     "train": "train or fine-tune an OffSeg model with the paper's recipe",
     "evaluate": "compute mIoU / mAcc / aAcc of a model on a dataset split",
-    "convert": "convert an official OffSeg checkpoint into a Transformers folder",
+    "convert": "convert an official OffSeg, SegFormer or SegNeXt (w/ offset learning) checkpoint into a Transformers folder",
     "benchmark": "parameters, MACs and CPU latency next to SegFormer",
     "prototypes": "ideal class representations (Eq. 2) and Fig. 3 heat maps",
 }
