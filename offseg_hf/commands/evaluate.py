@@ -51,13 +51,15 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    from offseg_hf import OffSegForSemanticSegmentation
+    from transformers import AutoModelForSemanticSegmentation
+
+    import offseg_hf  # noqa: F401 - registers OffSeg and SegNeXt with the Auto classes
     from offseg_hf.image_processing_offseg import OffSegImageProcessor
     from offseg_hf.data.loading import load_segmentation_dataset
     from offseg_hf.evaluation import evaluate_model, protocol_for, write_report
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = OffSegForSemanticSegmentation.from_pretrained(args.model).to(device).eval()
+    model = AutoModelForSemanticSegmentation.from_pretrained(args.model, trust_remote_code=False).to(device).eval()
     processor = OffSegImageProcessor.from_pretrained(args.model)
     num_labels = model.config.num_labels
     class_names = [model.config.id2label[i] for i in range(num_labels)]

@@ -39,10 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--num-workers", type=int, help="data loader workers per process (2)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help="offseg-t | offseg-b | offseg-l, or a folder / Hub id to fine-tune")
+    model.add_argument("--model", help="offseg-t | offseg-b | offseg-l, segnext-t | -s | -b | -l (per-pixel) or "
+                       "segnext-t-offset … (offset learning), or a folder / Hub id to fine-tune")
     model.add_argument("--classifier", choices=["offset-learning", "per-pixel"],
                        help="per-pixel: a 1×1 conv instead of offset learning (ablation, paper Table 6)")
-    model.add_argument("--backbone-weights", help="EfficientFormerV2Backbone folder / Hub id (ImageNet weights)")
+    model.add_argument("--backbone-weights", help="EfficientFormerV2Backbone (OffSeg) or MscanBackbone (SegNeXt) folder / "
+                       "Hub id with ImageNet weights, e.g. from `offseg convert`")
 
     optim = parser.add_argument_group("optimisation (defaults: the paper's recipe for the dataset)")
     optim.add_argument("--max-steps", type=int, help="iterations (160k ADE20K/Cityscapes, 80k COCO-Stuff/Context)")
