@@ -293,3 +293,17 @@ def test_torch_export_static_and_dynamic():
         dynamic = torch.export.export(model, (pixel_values,), dynamic_shapes={"pixel_values": {2: height, 3: width}})
         for other in (torch.randn(1, 3, 72, 120), torch.randn(1, 3, 97, 131)):
             torch.testing.assert_close(dynamic.module()(other).logits, model(other).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model(classifier_dropout_prob=0.0).train()
+    pixel_values, labels = torch.randn(2, 3, 32, 32), torch.randint(0, NUM_LABELS, (2, 32, 32))
+    bases = torch.rand(2, 16, 4)
+    model(pixel_values, labels=labels, nmf_bases=bases).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.backbone.stages[0].blocks[0].gradient_checkpointing
+    model(pixel_values, labels=labels, nmf_bases=bases).loss.backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
