@@ -302,7 +302,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(pixel_values, labels=labels, nmf_bases=bases).loss.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert model.backbone.stages[0].blocks[0].gradient_checkpointing
     model(pixel_values, labels=labels, nmf_bases=bases).loss.backward()
     for name, parameter in model.named_parameters():
