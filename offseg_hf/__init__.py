@@ -25,6 +25,30 @@ from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOff
 from .modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
 from .plug import add_offset_learning, offset_learning_overhead
 from .convert_segformer import convert_segformer_offset_state_dict
+from .configuration_segnext import MSCAN_VARIANTS, SEGNEXT_PRESETS, MscanConfig, SegNextConfig
+from .modeling_segnext import (
+    MscanBackbone,
+    MscanPreTrainedModel,
+    SegNextForSemanticSegmentation,
+    SegNextHamburger,
+    SegNextLightHamHead,
+    SegNextNMF2D,
+    SegNextPreTrainedModel,
+)
+from .convert_segnext import convert_mscan_state_dict, convert_segnext_state_dict
+
+
+def _register_segnext() -> None:
+    """SegNeXt and MSCAN with the Auto classes (``model_type`` "segnext" and "mscan")."""
+    from transformers import AutoBackbone, AutoConfig, AutoModelForSemanticSegmentation
+
+    AutoConfig.register(MscanConfig.model_type, MscanConfig, exist_ok=True)
+    AutoConfig.register(SegNextConfig.model_type, SegNextConfig, exist_ok=True)
+    AutoBackbone.register(MscanConfig, MscanBackbone, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(SegNextConfig, SegNextForSemanticSegmentation, exist_ok=True)
+
+
+_register_segnext()
 
 
 def _register_auto_classes() -> None:
@@ -62,6 +86,19 @@ _register_auto_classes()
 __version__ = "0.1.0"
 
 __all__ = [
+    "MSCAN_VARIANTS",
+    "MscanBackbone",
+    "MscanConfig",
+    "MscanPreTrainedModel",
+    "SEGNEXT_PRESETS",
+    "SegNextConfig",
+    "SegNextForSemanticSegmentation",
+    "SegNextHamburger",
+    "SegNextLightHamHead",
+    "SegNextNMF2D",
+    "SegNextPreTrainedModel",
+    "convert_mscan_state_dict",
+    "convert_segnext_state_dict",
     "Mask2FormerOffsetConfig",
     "Mask2FormerOffsetForUniversalSegmentation",
     "SegformerOffsetConfig",

@@ -1,4 +1,4 @@
-"""Parameters, multiply-accumulates (MACs) and CPU latency of OffSeg next to Transformers' SegFormer.
+"""Parameters, multiply-accumulates (MACs) and CPU latency of OffSeg and SegNeXt next to Transformers' SegFormer.
 
 MACs are counted two ways (input 1×3×512×512 in the paper):
 
@@ -115,7 +115,13 @@ SEGFORMER_VARIANTS = {
 
 
 def build_model(name: str, num_labels: int = 150) -> nn.Module:
-    """Randomly initialised ``offseg-{t,b,l}`` or transformers' ``segformer-b{0,1,2}`` in eval mode."""
+    """Randomly initialised ``offseg-{t,b,l}``, ``segnext-{t,s,b,l}[-offset]`` or transformers' ``segformer-b{0,1,2}``
+    in eval mode."""
+    if name.startswith("segnext"):
+        from .configuration_segnext import SegNextConfig
+        from .modeling_segnext import SegNextForSemanticSegmentation
+
+        return SegNextForSemanticSegmentation(SegNextConfig.from_preset(name, num_labels=num_labels)).eval()
     if name.startswith("offseg"):
         from .configuration_offseg import OffSegConfig
         from .modeling_offseg import OffSegForSemanticSegmentation
@@ -130,7 +136,9 @@ def build_model(name: str, num_labels: int = 150) -> nn.Module:
             num_labels=num_labels,
         )
         return SegformerForSemanticSegmentation(config).eval()
-    raise ValueError(f"unknown model {name!r}; choose offseg-t/b/l or one of {sorted(SEGFORMER_VARIANTS)}")
+    raise ValueError(
+        f"unknown model {name!r}; choose offseg-t/b/l, segnext-t/s/b/l[-offset] or one of {sorted(SEGFORMER_VARIANTS)}"
+    )
 
 
 @dataclass

@@ -31,7 +31,7 @@ COMMANDS = {
     "train": "train or fine-tune an OffSeg model with the paper's recipe",
     "evaluate": "compute mIoU / mAcc / aAcc of a model on a dataset split",
     "check-data": "check a dataset (file pairs, readable images, label sizes and values) before training",
-    "convert": "convert an official OffSeg checkpoint into a Transformers folder",
+    "convert": "convert an official OffSeg, SegFormer or SegNeXt (w/ offset learning) checkpoint into a Transformers folder",
     "benchmark": "parameters, MACs and CPU latency next to SegFormer",
     "prototypes": "ideal class representations (Eq. 2) and Fig. 3 heat maps",
     "demo": "web demo (Gradio) of one or more models, or a Hugging Face Space for them",

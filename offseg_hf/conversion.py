@@ -46,6 +46,8 @@ __all__ = [
     "convert_any_checkpoint",
     "convert_backbone_checkpoint",
     "convert_checkpoint",
+    "convert_mscan_checkpoint",
+    "convert_segnext_checkpoint",
     "detect_backbone_variant",
     "imagenet_to_reference_backbone",
     "is_imagenet_backbone_checkpoint",
@@ -582,10 +584,23 @@ def convert_segformer_offset_checkpoint(
         raise ConversionError(f"{checkpoint}: {error}") from None
     model = SegformerOffsetForSemanticSegmentation(config).eval()
     model.load_state_dict(converted, strict=True)
+    dropped = sorted(k for k in state_dict if k.startswith("decode_head.conv_seg."))
+    return _write_converted_model(
+        model, info, checkpoint, output_dir, preset="segformer-offset", description="SegFormer + offset learning",
+        dropped=dropped, verify=verify, verify_size=verify_size, overwrite=overwrite, push_to_hub=push_to_hub,
+        private=private, token=token,
+    )
+
+
+def _write_converted_model(
+    model, info: DatasetInfo, checkpoint: Path, output_dir: Path, *, preset: str, description: str, dropped: list[str],
+    verify: bool, verify_size: int, overwrite: bool, push_to_hub: str | None, private: bool, token: str | None,
+) -> ConversionResult:
+    """Save a converted model with the dataset's processor atomically, verify, upload: the common end of
+    :func:`convert_segformer_offset_checkpoint` and :func:`convert_segnext_checkpoint`."""
     processor = build_image_processor(info.name)
     result = ConversionResult(
-        output_dir, "segformer-offset", info.name, info.num_labels, sum(p.numel() for p in model.parameters()),
-        dropped_keys=sorted(k for k in state_dict if k.startswith("decode_head.conv_seg.")),
+        output_dir, preset, info.name, info.num_labels, sum(p.numel() for p in model.parameters()), dropped_keys=dropped
     )
 
     def write(staging: Path) -> None:
@@ -598,20 +613,124 @@ def convert_segformer_offset_checkpoint(
     if push_to_hub:
         result.hub_url = push_folder_to_hub(
             output_dir, push_to_hub, private=private, token=token,
-            commit_message=f"Add SegFormer + offset learning ({info.name}) converted from {checkpoint.name}",
+            commit_message=f"Add {description} ({info.name}) converted from {checkpoint.name}",
+        )
+    return result
+
+
+def convert_segnext_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    dataset: str | None = None,
+    verify: bool = False,
+    verify_size: int = 512,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    _loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
+) -> ConversionResult:
+    """Convert an official SegNeXt checkpoint, plain (mmsegmentation) or "w/ Offset Learning" (the OffSeg
+    authors'), into a :class:`~offseg_hf.modeling_segnext.SegNextForSemanticSegmentation` folder.
+
+    The size (T/S/B/L), the classifier (per-pixel or offset learning) and the dataset are read from the
+    checkpoint; every key is mapped or explicitly dropped (:func:`offseg_hf.convert_segnext.convert_segnext_state_dict`).
+    Written atomically with ``config.json`` (the dataset's class names), ``model.safetensors`` and
+    ``preprocessor_config.json``; ``verify`` reloads the folder and compares every tensor and the logits.
+    """
+    from .convert import CheckpointMismatchError
+    from .convert_segnext import convert_segnext_state_dict, preset_name, segnext_config_from_state_dict
+    from .modeling_segnext import SegNextForSemanticSegmentation
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    state_dict, meta = _loaded if _loaded is not None else read_checkpoint(checkpoint)
+    try:
+        config = segnext_config_from_state_dict(state_dict)
+        info = resolve_dataset(config.num_labels, dataset, meta)
+        config = segnext_config_from_state_dict(state_dict, id2label=info.id2label, label2id=info.label2id)
+        config, converted, dropped = convert_segnext_state_dict(state_dict, config)
+    except CheckpointMismatchError as error:
+        raise ConversionError(f"{checkpoint}: {error}") from None
+    model = SegNextForSemanticSegmentation(config).eval()
+    model.load_state_dict(converted, strict=True)
+    preset = preset_name(config)
+    description = f"SegNeXt-{preset.split('-')[1].upper()}" + (" w/ offset learning" if config.classifier == "offset_learning" else "")
+    return _write_converted_model(
+        model, info, checkpoint, output_dir, preset=preset, description=description, dropped=sorted(dropped),
+        verify=verify, verify_size=verify_size, overwrite=overwrite, push_to_hub=push_to_hub, private=private,
+        token=token,
+    )
+
+
+def convert_mscan_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    _loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
+) -> BackboneConversionResult:
+    """Convert an MSCAN ImageNet checkpoint (``mscan_t/s/b/l``, mmsegmentation's SegNeXt pretraining files) into
+    an :class:`~offseg_hf.modeling_segnext.MscanBackbone` folder returning stages 2–4, the start of SegNeXt training.
+
+    The ImageNet classifier (``head.*``) is dropped; every other key is mapped strictly. Written atomically.
+    """
+    from .convert import CheckpointMismatchError
+    from .convert_segnext import convert_mscan_state_dict, detect_mscan_variant
+    from .modeling_segnext import MscanBackbone
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    state_dict, _ = _loaded if _loaded is not None else read_checkpoint(checkpoint)
+    try:
+        variant = detect_mscan_variant({k.removeprefix("backbone."): v for k, v in state_dict.items()})
+        config, converted, dropped = convert_mscan_state_dict(state_dict)
+    except CheckpointMismatchError as error:
+        raise ConversionError(f"{checkpoint}: {error}") from None
+    backbone = MscanBackbone(config).eval()
+    backbone.load_state_dict(converted, strict=True)
+    num_parameters = sum(p.numel() for p in backbone.parameters())
+    result = BackboneConversionResult(
+        output_dir, variant, "mmsegmentation", "none (MSCAN has none)", num_parameters, sorted(dropped), architecture="MSCAN"
+    )
+    _write_atomically(output_dir, overwrite, lambda staging: backbone.save_pretrained(staging, safe_serialization=True))
+    if push_to_hub:
+        result.hub_url = push_folder_to_hub(
+            output_dir, push_to_hub, private=private, token=token,
+            commit_message=f"Add MSCAN-{variant.upper()} backbone converted from {checkpoint.name}",
         )
     return result
 
 
 def convert_any_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **kwargs):
     """:func:`convert_checkpoint` for OffSeg checkpoints, :func:`convert_segformer_offset_checkpoint` for
-    SegFormer + offset learning checkpoints, :func:`convert_backbone_checkpoint` for EfficientFormerV2
-    ImageNet checkpoints (decided from the keys; the file is read once).
+    SegFormer + offset learning checkpoints, :func:`convert_segnext_checkpoint` for SegNeXt (plain or with offset
+    learning), :func:`convert_backbone_checkpoint` for EfficientFormerV2 and :func:`convert_mscan_checkpoint` for
+    MSCAN ImageNet checkpoints (decided from the keys; the file is read once).
 
     Options that only one of the two takes (``dataset``/``verify``/``verify_size``/``model_id`` for
     OffSeg, ``attention_biases`` for backbones) raise :class:`ConversionError` for the other kind.
     """
+    from .convert_segnext import is_mscan_backbone_state_dict, is_segnext_state_dict
+
     loaded = read_checkpoint(checkpoint)
+    if is_segnext_state_dict(loaded[0]) or is_mscan_backbone_state_dict(loaded[0]):
+        if kwargs.get("attention_biases") not in (None, "zero") or kwargs.get("model_id"):
+            raise ConversionError(f"{checkpoint} is a SegNeXt/MSCAN checkpoint; attention_biases/model_id do not apply")
+        kwargs.pop("attention_biases", None)
+        kwargs.pop("model_id", None)
+        if is_segnext_state_dict(loaded[0]):
+            return convert_segnext_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
+        misplaced = [k for k in ("dataset", "verify") if kwargs.get(k)]
+        if misplaced:
+            raise ConversionError(f"{checkpoint} is an MSCAN ImageNet backbone; {misplaced} apply to segmentation checkpoints only")
+        for key in ("dataset", "verify", "verify_size"):
+            kwargs.pop(key, None)
+        return convert_mscan_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
     if is_imagenet_backbone_checkpoint(loaded[0]):
         misplaced = [k for k in ("dataset", "verify", "model_id") if kwargs.get(k)]
         if misplaced:
@@ -951,6 +1070,7 @@ class BackboneConversionResult:
     num_parameters: int
     dropped_keys: list[str]
     hub_url: str | None = None
+    architecture: str = "EfficientFormerV2"
 
 
 def detect_backbone_variant(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -246,7 +246,8 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 def is_head_parameter(name: str) -> bool:
     """``True`` for decoder / offset-learning parameters, ``False`` for the backbone's.
 
-    The backbone is every parameter under a module named ``backbone`` (``offseg.backbone.*``).
+    The backbone is every parameter under a module named ``backbone`` (``offseg.backbone.*``, SegNeXt's
+    ``backbone.*``); SegNeXt's ``decode_head``, ``offset_learning`` and ``classifier`` are the head.
     """
     return "backbone" not in name.split(".")
 
@@ -476,36 +477,48 @@ def _num_processes(use_cpu: bool = False) -> int:
 
 
 def build_model(config: TrainConfig, id2label: dict[int, str]):
-    """A fresh model from a preset (``offseg-t``/``-b``/``-l``) or one loaded from a folder / Hub id.
+    """A fresh model from a preset or one loaded from a folder / Hub id.
 
-    A loaded model with a different number of classes gets a new classifier (``ignore_mismatched_sizes``).
-    ``backbone_weights`` (a folder or Hub id of ``EfficientFormerV2Backbone`` weights) initialises the backbone.
+    Presets: ``offseg-t``/``-b``/``-l``, and SegNeXt ``segnext-t``/``-s``/``-b``/``-l`` (per-pixel classifier) or
+    ``segnext-t-offset`` … (offset learning; for SegNeXt the preset name chooses the classifier). A loaded
+    model with a different number of classes gets a new classifier (``ignore_mismatched_sizes``).
+    ``backbone_weights`` (a folder or Hub id of ``EfficientFormerV2Backbone`` weights for OffSeg, of
+    ``MscanBackbone`` weights for SegNeXt) initialises the backbone.
     """
-    from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
+    from transformers import AutoConfig
+
+    from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, SegNextConfig, SegNextForSemanticSegmentation
     from offseg_hf.configuration_offseg import OFFSEG_PRESETS
+    from offseg_hf.configuration_segnext import SEGNEXT_PRESETS
 
     label2id = {name: index for index, name in id2label.items()}
+    labels = {"num_labels": len(id2label), "id2label": id2label, "label2id": label2id}
     classifier = config.classifier.replace("-", "_")  # the config field's spelling: offset_learning / per_pixel
-    if config.model.lower() in OFFSEG_PRESETS:
-        model_config = OffSegConfig.from_preset(
-            config.model, num_labels=len(id2label), id2label=id2label, label2id=label2id, classifier=classifier
-        )
-        model = OffSegForSemanticSegmentation(model_config)
+    name = config.model.lower()
+    if name in OFFSEG_PRESETS:
+        model = OffSegForSemanticSegmentation(OffSegConfig.from_preset(config.model, classifier=classifier, **labels))
+    elif name.removesuffix("-offset") in SEGNEXT_PRESETS:
+        if name.endswith("-offset") and config.classifier == "per-pixel":
+            raise ValueError(f"--model {config.model} is SegNeXt with offset learning; use {name.removesuffix('-offset')} "
+                             "for the per-pixel classifier")
+        model = SegNextForSemanticSegmentation(SegNextConfig.from_preset(config.model, **labels))
+    elif AutoConfig.from_pretrained(config.model).model_type == SegNextConfig.model_type:
+        model = SegNextForSemanticSegmentation.from_pretrained(config.model, ignore_mismatched_sizes=True, **labels)
     else:
-        model = OffSegForSemanticSegmentation.from_pretrained(
-            config.model, num_labels=len(id2label), id2label=id2label, label2id=label2id,
-            ignore_mismatched_sizes=True,
-        )
+        model = OffSegForSemanticSegmentation.from_pretrained(config.model, ignore_mismatched_sizes=True, **labels)
         if model.config.classifier != classifier:
             raise ValueError(
                 f"{config.model} uses the {model.config.classifier!r} classifier but --classifier asks for "
                 f"{config.classifier!r}; start from a preset (offseg-t/b/l) to train the other variant"
             )
+    is_segnext = isinstance(model, SegNextForSemanticSegmentation)
     if config.backbone_weights:
-        from offseg_hf import EfficientFormerV2Backbone
+        from offseg_hf import EfficientFormerV2Backbone, MscanBackbone
 
-        backbone = EfficientFormerV2Backbone.from_pretrained(config.backbone_weights)
-        missing, unexpected = model.offseg.backbone.load_state_dict(backbone.state_dict(), strict=False)
+        backbone_class = MscanBackbone if is_segnext else EfficientFormerV2Backbone
+        target = model.backbone if is_segnext else model.offseg.backbone
+        backbone = backbone_class.from_pretrained(config.backbone_weights)
+        missing, unexpected = target.load_state_dict(backbone.state_dict(), strict=False)
         if missing or unexpected:
             raise ValueError(
                 f"{config.backbone_weights}: backbone weights do not match (missing {missing[:5]}, "

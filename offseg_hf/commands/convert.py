@@ -1,8 +1,9 @@
 """``offseg convert``: an official checkpoint → a Transformers folder (and optionally a Hub repo).
 
 OffSeg checkpoints (``state_dict`` with ``backbone.*``/``decode_head.*``) become
-``OffSegForSemanticSegmentation`` folders; EfficientFormerV2 ImageNet checkpoints (``eformer_*.pth``, timm
-``efficientformerv2_*``) become ``EfficientFormerV2Backbone`` folders. The work happens in
+``OffSegForSemanticSegmentation`` folders, SegFormer / SegNeXt (w/ offset learning) checkpoints their own model
+folders; EfficientFormerV2 ImageNet checkpoints (``eformer_*.pth``, timm ``efficientformerv2_*``) and MSCAN
+ImageNet checkpoints (``mscan_{t,s,b,l}``) become backbone folders. The work happens in
 :func:`offseg_hf.conversion.convert_any_checkpoint`; this module parses arguments and prints the outcome.
 """
 
@@ -22,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``offseg convert`` (also used by ``scripts/convert_offseg_to_hf.py``)."""
     parser.add_argument(
         "checkpoint",
-        help="the authors' OffSeg checkpoint (.pth with 'state_dict' and 'meta') or an EfficientFormerV2 ImageNet "
-        "checkpoint (eformer_*.pth with 'model', or a timm state dict)",
+        help="the authors' OffSeg, SegFormer or SegNeXt (w/ offset learning) checkpoint, an mmsegmentation SegNeXt "
+        "checkpoint (.pth with 'state_dict' and 'meta'), or an EfficientFormerV2 (eformer_*.pth, timm) or MSCAN "
+        "(mscan_*.pth) ImageNet checkpoint",
     )
     parser.add_argument("output_dir", help="folder to create, e.g. offseg-t-ade20k")
     parser.add_argument(
@@ -80,9 +82,10 @@ def run(args: argparse.Namespace) -> int:
             return 1
         raise
     if isinstance(result, conversion.BackboneConversionResult):
+        biases = f", attention biases {result.attention_biases}" if result.architecture == "EfficientFormerV2" else ""
         print(
-            f"wrote {result.output_dir}: EfficientFormerV2-{result.variant.upper()} backbone ({result.layout} layout), "
-            f"{result.num_parameters:,} parameters, attention biases {result.attention_biases}; "
+            f"wrote {result.output_dir}: {result.architecture}-{result.variant.upper()} backbone ({result.layout} layout), "
+            f"{result.num_parameters:,} parameters{biases}; "
             f"{len(result.dropped_keys)} checkpoint tensors dropped by design"
         )
     else:

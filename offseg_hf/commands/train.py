@@ -51,13 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--num-workers", type=int, help="data loader workers per process (default: 2)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help="offseg-t, offseg-b or offseg-l (random init), or a model folder / Hub id "
-                       "user/name to fine-tune (default: offseg-t)")
+    model.add_argument("--model", help="offseg-t | offseg-b | offseg-l, segnext-t | -s | -b | -l (per-pixel) or "
+                       "segnext-t-offset … (offset learning), or a folder / Hub id user/name to fine-tune "
+                       "(default: offseg-t)")
     model.add_argument("--classifier", choices=["offset-learning", "per-pixel"],
                        help="per-pixel: a 1×1 conv instead of offset learning (ablation, paper Table 6) "
                        "(default: offset-learning)")
-    model.add_argument("--backbone-weights", help="EfficientFormerV2Backbone folder / Hub id with ImageNet weights "
-                       "(default: none, random init)")
+    model.add_argument("--backbone-weights", help="EfficientFormerV2Backbone (OffSeg) or MscanBackbone (SegNeXt) folder / "
+                       "Hub id with ImageNet weights, e.g. from `offseg convert` (default: none, random init)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--max-steps", type=int, help="optimiser steps (default: recipe: 160000 ADE20K/Cityscapes, 80000 "
