@@ -209,9 +209,11 @@ def _check_model_name(name: str) -> None:
     """``name`` is a preset, an existing folder or a Hub id ``user/name``; anything else fails here, before any
     Hub request, with the valid choices."""
     from offseg_hf.configuration_offseg import OFFSEG_PRESETS
+    from offseg_hf.configuration_segnext import SEGNEXT_PRESETS
     from offseg_hf.predict import HUB_ID
 
-    if name.lower() in OFFSEG_PRESETS:
+    presets = sorted(OFFSEG_PRESETS) + sorted(SEGNEXT_PRESETS) + sorted(f"{key}-offset" for key in SEGNEXT_PRESETS)
+    if name.lower() in presets:
         return
     path = Path(name).expanduser()
     if path.is_dir():
@@ -223,7 +225,7 @@ def _check_model_name(name: str) -> None:
     if HUB_ID.match(name) and not name.startswith("."):
         return
     raise ValueError(
-        f"unknown model {name!r}: choose a preset ({', '.join(sorted(OFFSEG_PRESETS))}), an existing model folder, "
+        f"unknown model {name!r}: choose a preset ({', '.join(presets)}), an existing model folder, "
         "or a Hub id of the form user/name"
     )
 
