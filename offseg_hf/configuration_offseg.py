@@ -208,7 +208,7 @@ class OffSegConfig(PreTrainedConfig):
         self.decoder_stage_channels = list(self.decoder_stage_channels)
         # The default backbone is resolved here rather than through AutoConfig, so that a saved folder also loads
         # as remote code (where nothing registers EfficientFormerV2Config); any other backbone config dict is
-        # resolved by its model_type, as in UperNet.
+        # resolved by its model_type in super().__post_init__ (sub_configs_defaults), as in UperNet.
         backbone = self.backbone_config
         if backbone is None:
             self.backbone_config = EfficientFormerV2Config(out_features=["stage1", "stage2", "stage3", "stage4"])
@@ -216,13 +216,6 @@ class OffSegConfig(PreTrainedConfig):
             EfficientFormerV2Config.model_type
         ):
             self.backbone_config = EfficientFormerV2Config(**{k: v for k, v in backbone.items() if k != "model_type"})
-        elif isinstance(backbone, dict):
-            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-            model_type = backbone["model_type"]
-            if model_type not in CONFIG_MAPPING:
-                raise ValueError(f"backbone_config has an unknown model_type {model_type!r}")
-            self.backbone_config = CONFIG_MAPPING[model_type].from_dict(backbone)
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
