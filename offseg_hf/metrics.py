@@ -14,13 +14,16 @@ Everything is derived from one ``(K, K)`` confusion matrix ``confusion[label, pr
 memory stays ``O(K²)`` whatever the number of images. Values are fractions in ``[0, 1]``
 (mmsegmentation prints percentages; :func:`format_markdown_table` does too).
 
-Three ways in:
+Two ways in:
 
 * :class:`StreamingIoU` – ``update(predictions, labels)`` then ``compute()``.
 * Trainer: ``TrainingArguments(batch_eval_metrics=True)`` with
   ``compute_metrics=SegmentationMetricsForTrainer(num_labels)`` and
   ``preprocess_logits_for_metrics=preprocess_logits_for_metrics`` (argmax at label size, per sample).
-* ``evaluate``: ``evaluate.load(offseg_hf.mean_iou.__file__)`` (works offline; see :mod:`offseg_hf.mean_iou`).
+
+These are the definitions of ``evaluate``'s ``mean_iou`` too (dataset-level totals, ``nanmean``): a script written
+for it, such as transformers' ``run_semantic_segmentation.py``, keeps ``evaluate.load("mean_iou")``; this package
+has no ``evaluate`` module of its own.
 """
 
 from __future__ import annotations

@@ -145,13 +145,27 @@ def test_atomic_write_text_replaces_whole_files_only(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["report.json"]  # no temporary left behind
 
 
-def test_best_model_needs_every_checkpoint_evaluated():
-    """load_best_model_at_end is always on: save steps are aligned to eval steps, or refused clearly."""
+def test_best_model_needs_every_checkpoint_evaluated(caplog):
+    """load_best_model_at_end stays on: save steps are aligned to eval steps with a logged message, or refused with
+    a value that works; it is never switched off silently."""
+    import logging
+
     from offseg_hf.training import resolve_config
 
     with pytest.raises(ValueError, match=r"save_steps 3 is not a multiple of eval_steps 2.*--save-steps 4"):
         resolve_config({"save_steps": 3, "eval_steps": 2})
-    assert resolve_config({"save_steps": 7}).eval_steps == 7  # only checkpoints asked for: evaluate at each
-    assert resolve_config({"save_steps": 200}).eval_steps == 100  # already a multiple of the recipe's 100
-    config = resolve_config({})
-    assert config.save_steps == config.eval_steps == 100
+    with pytest.raises(ValueError, match=r"save_steps 3 is not a multiple of eval_steps 2"):  # from a config file too
+        resolve_config({"save_steps": 3, "eval_steps": 2, "load_best_model_at_end": True})
+    with caplog.at_level(logging.WARNING, logger="offseg_hf.training"):
+        args = resolve_config({"save_steps": 7}).training_args  # only checkpoints asked for: evaluate at each
+    assert args.eval_steps == 7 and args.load_best_model_at_end
+    assert "--save-steps 7 is not a multiple of the recipe's eval steps 100: evaluating every 7 steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="offseg_hf.training"):
+        args = resolve_config({"save_steps": 200}).training_args  # already a multiple of the recipe's 100
+    assert args.eval_steps == 100 and args.load_best_model_at_end and caplog.text == ""
+    args = resolve_config({}).training_args
+    assert args.save_steps == args.eval_steps == 100 and args.load_best_model_at_end
+    # without the best model, checkpoints need not be evaluated
+    args = resolve_config({"save_steps": 3, "eval_steps": 2, "load_best_model_at_end": False}).training_args
+    assert (args.save_steps, args.eval_steps, args.load_best_model_at_end) == (3, 2, False)

@@ -83,10 +83,10 @@ def test_train_help_defaults_are_the_resolved_ones():
     """The defaults the train help states for the synthetic quick start are what resolve_config produces."""
     from offseg_hf.training import resolve_config
 
-    config = resolve_config({"dataset": "synthetic"})
+    config = resolve_config({"dataset": "synthetic"}).training_args
     assert (config.max_steps, config.warmup_steps, config.learning_rate, config.global_batch_size) == (300, 30, 6e-4, 8)
     assert (config.eval_steps, config.save_steps, config.logging_steps, config.seed) == (100, 100, 10, 0)
-    config = resolve_config({"dataset": "ade20k"})
+    config = resolve_config({"dataset": "ade20k"}).training_args
     assert (config.max_steps, config.warmup_steps, config.learning_rate, config.eval_steps) == (160_000, 1500, 6e-5, 16_000)
 
 

@@ -95,26 +95,27 @@ def test_trainer_learning_rates_at_chosen_steps(tiny_model_dir, tmp_path):
     for step in range(21):
         if step in expected:
             for group in optimizer.param_groups:
-                base = config.learning_rate * (10 if group["name"].startswith("head") else 1)
+                base = config.training_args.learning_rate * (10 if group["name"].startswith("head") else 1)
                 assert group["lr"] == pytest.approx(base * expected[step], rel=1e-6, abs=1e-15), (step, group["name"])
         optimizer.step()
         scheduler.step()
 
 
 def test_resolve_config_precedence(tmp_path):
-    config = resolve_config({"dataset": "ade"})
-    assert config.dataset == "ade20k" and config.max_steps == 160_000 and config.global_batch_size == 16
-    assert config.crop_size == 512 and config.warmup_steps == 1500 and config.eval_batch_size == 1
-    assert config.learning_rate == 6e-5 and config.weight_decay == 0.01 and config.head_lr_mult == 10
-    assert (config.adam_beta1, config.adam_beta2, config.warmup_start_factor, config.poly_power) == (0.9, 0.999, 1e-6, 1.0)
-    assert resolve_config({"dataset": "synthetic"}).learning_rate == 6e-4
+    _, data, args = resolve_config({"dataset": "ade"})
+    assert data.dataset == "ade20k" and args.max_steps == 160_000 and args.global_batch_size == 16
+    assert data.crop_size == 512 and args.warmup_steps == 1500 and args.per_device_eval_batch_size == 1
+    assert args.learning_rate == 6e-5 and args.weight_decay == 0.01 and args.head_lr_mult == 10
+    assert (args.adam_beta1, args.adam_beta2, args.warmup_start_factor, args.poly_power) == (0.9, 0.999, 1e-6, 1.0)
+    assert args.per_device_train_batch_size == 16 and args.world_size == 1  # one process here: the whole batch
+    assert resolve_config({"dataset": "synthetic"}).training_args.learning_rate == 6e-4
     city = resolve_config({"dataset": "cityscapes"})
-    assert city.global_batch_size == 8 and city.crop_size == 1024
-    assert resolve_config({"dataset": "pascal-context"}).crop_size == 480
-    assert resolve_config({"dataset": "coco-stuff"}).max_steps == RECIPES["coco-stuff"]["max_steps"] == 80_000
+    assert city.training_args.global_batch_size == 8 and city.data_args.crop_size == 1024
+    assert resolve_config({"dataset": "pascal-context"}).data_args.crop_size == 480
+    assert resolve_config({"dataset": "coco-stuff"}).training_args.max_steps == RECIPES["coco-stuff"]["max_steps"] == 80_000
     file = tmp_path / "run.json"
     file.write_text(json.dumps({"dataset": "ade20k", "max-steps": 100, "learning_rate": 1e-4}))
-    merged = resolve_config({"max_steps": 50, "learning_rate": None}, str(file))
+    merged = resolve_config({"max_steps": 50, "learning_rate": None}, str(file)).training_args
     assert merged.max_steps == 50 and merged.learning_rate == 1e-4
     file.write_text(json.dumps({"max_stepz": 1}))
     with pytest.raises(ValueError, match="max_stepz"):
@@ -187,22 +188,35 @@ def test_resume_after_kill_continues_identically(tiny_model_dir, tmp_path):
     assert final["global_step"] == 6
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_two_process_accelerate_launch_cpu(tiny_model_dir, tmp_path):
+def test_two_cpu_processes_train_with_the_requested_global_batch(tiny_model_dir, tmp_path):
+    """The launch the README documents: torchrun, two CPU processes (gloo). The run records the world size and
+    per-device batch it used (run_info.json, trainer_state.json): 2 × 2 = the requested global batch of 4."""
     output = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517", "scripts/train.py", *_train_command(tiny_model_dir, output, 3, "--eval-steps", "3",
-                                                            "--eval-samples", "3", "--global-batch-size", "4")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "scripts/train.py",
+               *_train_command(tiny_model_dir, output, 3, "--eval-steps", "3", "--eval-samples", "3",
+                               "--global-batch-size", "4")]
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads((output / "run_info.json").read_text())
+    assert (info["world_size"], info["per_device_train_batch_size"], info["global_batch_size"]) == (2, 2, 4), info
+    assert info["distributed_type"].endswith("MULTI_CPU") and info["device"].startswith("cpu")
     metrics = json.loads((output / "eval_results.json").read_text())
     assert 0.0 <= metrics["eval_mIoU"] <= 1.0 and math.isfinite(metrics["eval_loss"])
     state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["global_step"] == 3
-    # 2 processes × 2 images = the global batch of 4 (accelerate's world size is read with cpu=True)
+    assert state["global_step"] == 3 and state["train_batch_size"] == 2  # what the Trainer itself recorded
     assert json.loads((output / "train_config.json").read_text())["global_batch_size"] == 4
-    assert state["train_batch_size"] == 2
+    # each process warns once that BatchNorm stays per process (SyncBatchNorm needs an accelerator)
+    assert result.stderr.count("keeping per-process BatchNorm") == 2, result.stderr[-4000:]
     # the distributed evaluation (3 images over 2 processes, batches of 2: padded, gathered, truncated)
     # equals a single-process evaluation of the saved model
     from offseg_hf.data.loading import load_segmentation_dataset
@@ -216,3 +230,137 @@ def test_two_process_accelerate_launch_cpu(tiny_model_dir, tmp_path):
     assert single["num_images"] == 3
     assert metrics["eval_mIoU"] == pytest.approx(single["mIoU"], abs=1e-6)
     assert metrics["eval_aAcc"] == pytest.approx(single["aAcc"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments: dataclasses parsed by HfArgumentParser (flags, JSON / YAML files), the recipe's defaults
+# ----------------------------------------------------------------------------------------------
+
+YAML_RUN = """\
+dataset: ade20k
+model: offseg-b
+classifier: per-pixel
+max-steps: 100
+learning_rate: 1e-4        # YAML reads this as a string; it is coerced to the field's type
+warmup_steps: 10
+train_scale: [1024, 256]
+photometric: false
+use_cpu: true
+lr_scheduler_type: cosine
+head_lr_mult: 5
+eval_batch_size: 2         # the option's earlier name (per_device_eval_batch_size)
+save_steps: 50
+eval_steps: 25
+resume: true
+seed: 3
+dataloader_num_workers: 0
+"""
+
+FLAGS_RUN = ["--dataset", "ade20k", "--model", "offseg-b", "--classifier", "per-pixel", "--max-steps", "100",
+             "--learning-rate", "1e-4", "--warmup-steps", "10", "--train-scale", "1024", "256", "--no-photometric",
+             "--use-cpu", "--lr-scheduler-type", "cosine", "--head-lr-mult", "5", "--eval-batch-size", "2",
+             "--save-steps", "50", "--eval_steps", "25", "--resume", "--seed", "3", "--num-workers", "0"]
+
+
+def test_yaml_config_and_equivalent_flags_give_identical_training_arguments(tmp_path):
+    from offseg_hf.training import OffSegTrainingArguments, parse_train_argv
+
+    file = tmp_path / "run.yaml"
+    file.write_text(YAML_RUN)
+    from_file = resolve_config({}, str(file))
+    given, config_file = parse_train_argv(FLAGS_RUN)
+    assert config_file is None and "max_steps" in given and "weight_decay" not in given  # only what was typed
+    from_flags = resolve_config(given)
+    assert isinstance(from_flags.training_args, OffSegTrainingArguments)
+    assert from_flags.training_args.to_dict() == from_file.training_args.to_dict()
+    assert from_flags.to_dict() == from_file.to_dict()
+    model_args, data, args = from_flags
+    # the values given, not the recipe's (so the comparison above can fail)
+    assert (model_args.model, model_args.classifier, data.dataset, data.train_scale, data.photometric) == (
+        "offseg-b", "per-pixel", "ade20k", [1024, 256], False)
+    assert (args.max_steps, args.learning_rate, args.warmup_steps, args.lr_scheduler_type.value) == (100, 1e-4, 10, "cosine")
+    assert (args.head_lr_mult, args.per_device_eval_batch_size, args.save_steps, args.eval_steps) == (5, 2, 50, 25)
+    assert args.resume and args.seed == args.data_seed == 3 and args.use_cpu and args.dataloader_num_workers == 0
+    assert args.global_batch_size == args.per_device_train_batch_size == 16  # the ADE20K recipe, one process
+    # a flag wins over the file; the file's other values stay
+    given, config_file = parse_train_argv(["--config", str(file), "--max_steps", "7", "--save-steps", "7",
+                                           "--eval-steps", "7"])
+    both = resolve_config(given, config_file).training_args
+    assert (both.max_steps, both.learning_rate, both.head_lr_mult) == (7, 1e-4, 5)
+    # the JSON written next to a run is a config file that reproduces its arguments
+    (tmp_path / "train_config.json").write_text(from_file.to_json())
+    again = resolve_config({}, str(tmp_path / "train_config.json"))
+    assert again.to_dict() == from_file.to_dict()
+
+
+def test_earlier_option_names_in_config_files_keep_working(tmp_path):
+    file = tmp_path / "old.json"
+    file.write_text(json.dumps({"dataset": "synthetic", "eval_batch_size": 4, "num_workers": 0, "per_device_batch_size": 2,
+                                "global_batch_size": 2, "push_to_hub": "me/offseg-run", "hub_private": True,
+                                "mixed_precision": "no", "extra": {"max_grad_norm": 0.5}, "hub_id": None}))
+    _, _, args = resolve_config({}, str(file))
+    assert (args.per_device_eval_batch_size, args.dataloader_num_workers, args.per_device_train_batch_size) == (4, 0, 2)
+    assert args.push_to_hub and args.hub_model_id == "me/offseg-run" and args.hub_private_repo
+    assert args.max_grad_norm == 0.5 and not args.bf16 and not args.fp16
+    file.write_text(json.dumps({"mixed_precision": "fp8"}))
+    with pytest.raises(ValueError, match="mixed_precision must be no, bf16 or fp16"):
+        resolve_config({}, str(file))
+    with pytest.raises(ValueError, match="is not --global-batch-size 8; give one of them"):
+        resolve_config({"per_device_train_batch_size": 2, "global_batch_size": 8})
+
+
+def test_train_help_lists_every_field_with_its_default():
+    """``offseg train --help`` (read from train_options.json, without transformers) shows every field of the three
+    argument dataclasses with its default, and that file is what the dataclasses generate today."""
+    import dataclasses
+
+    from offseg_hf.cli import build_parser
+    from offseg_hf.commands.train import SPEC
+    from offseg_hf.training import DataArguments, ModelArguments, OffSegTrainingArguments, cli_spec
+
+    assert json.loads(SPEC.read_text()) == cli_spec(), (
+        "offseg_hf/commands/train_options.json is out of date: run "
+        "python -c 'from offseg_hf.training import write_cli_spec; write_cli_spec()'")
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    train = subparsers.choices["train"]
+    text = " ".join(train.format_help().split())
+    shown = {action.dest: action for action in train._actions if action.option_strings}
+    for cls in (ModelArguments, DataArguments, OffSegTrainingArguments):
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name == "debug":  # --debug is the CLI's (tracebacks); a config file can set it
+                continue
+            assert f.name in shown, f"offseg train has no option for {cls.__name__}.{f.name}"
+            assert "(default:" in shown[f.name].help, f"--{f.name}: no default in its help"
+            assert f"--{f.name}" in text
+    assert "--head_lr_mult HEAD_LR_MULT, --head-lr-mult HEAD_LR_MULT head learning-rate multiplier (default: 10)" in text
+    assert "--seed SEED seed of the initial weights, data order and augmentations (default: 0)" in text
+
+
+def test_transformers_polynomial_schedule_does_not_reproduce_the_warm_up():
+    """Why the recipe keeps one schedule function: transformers' polynomial schedule decays identically but warms
+    up from 0, the recipe (mmseg's warmup_ratio) from 1e-6."""
+    from transformers import get_polynomial_decay_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=6e-5)
+    theirs = get_polynomial_decay_schedule_with_warmup(optimizer, 1500, 160_000, lr_end=0.0, power=1.0).lr_lambdas[0]
+    ours = lambda step: warmup_poly_factor(step, 160_000, 1500, 1e-6, 1.0)
+    for step in (1500, 1501, 80_000, 159_999, 160_000):
+        assert theirs(step) == pytest.approx(ours(step), rel=1e-12, abs=0)
+    assert theirs(0) == 0.0 and ours(0) == 1e-6
+    assert ours(750) - theirs(750) == pytest.approx(5e-7, rel=1e-6)
+
+
+def test_an_explicit_transformers_schedule_replaces_the_recipe_one(tiny_model_dir, tmp_path):
+    from offseg_hf.training import build_trainer
+
+    config = resolve_config({"dataset": "synthetic", "model": str(tiny_model_dir), "output_dir": str(tmp_path),
+                             "max_steps": 20, "warmup_steps": 4, "num_labels": 4, "image_size": 32,
+                             "train_samples": 8, "eval_samples": 2, "num_workers": 0, "use_cpu": True,
+                             "lr_scheduler_type": "constant"})
+    trainer, _ = build_trainer(config)
+    trainer.create_optimizer_and_scheduler(num_training_steps=20)
+    for _ in range(10):
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(6e-4)
