@@ -18,8 +18,16 @@ One deliberate deviation: the reference matches custom keys as substrings of par
 its ``"head"`` key also gives 10× to EfficientFormerV2's ``talking_head`` convolutions inside the
 backbone. We apply the multiplier to the decode head only, by module, which is what the key means.
 
-Entry points: :func:`resolve_config` (recipe ← config file ← command line), :func:`build_trainer`,
-:func:`train`.
+Arguments: :class:`ModelArguments`, :class:`DataArguments` and :class:`OffSegTrainingArguments` (a
+``TrainingArguments``), parsed by ``transformers.HfArgumentParser`` from flags (:func:`parse_train_argv`) and
+JSON / YAML files; :func:`resolve_config` merges recipe ← config file ← command line into a
+:class:`TrainConfig` ``(model_args, data_args, training_args)``. The world size (and so the per-device batch)
+is the one these ``TrainingArguments`` set up, which is the Trainer's.
+
+The schedule is :func:`warmup_poly_factor`, not transformers' ``polynomial`` schedule: that one decays the
+same way but warms up from 0 instead of the recipe's 1e-6 (see the tests).
+
+Entry points: :func:`resolve_config`, :func:`build_trainer`, :func:`train`.
 """
 
 from __future__ import annotations

@@ -45,10 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(name: str, num_labels: int, class_names: list[str] | None = None):
     """A model by folder / Hub id (any registered class), or a random-init one by name (:data:`RANDOM_MODELS`)."""
     import torch
-    from transformers import AutoModelForSemanticSegmentation, SegformerConfig, SegformerForSemanticSegmentation
-
-    import offseg_hf  # noqa: F401  registers OffSeg with the Auto classes
-    from offseg_hf import modeling_segformer_offset  # noqa: F401  registers SegFormer + offset learning
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     labels = {}
     if class_names is not None:
@@ -68,11 +65,12 @@ def load_model(name: str, num_labels: int, class_names: list[str] | None = None)
     from pathlib import Path
 
     from offseg_hf.predict import HUB_ID
+    from offseg_hf.predict import load_model as load_model_folder
 
     if not Path(name).expanduser().is_dir() and not HUB_ID.match(name):  # no Hub request for a mistyped name
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(RANDOM_MODELS)}, a model folder or a "
                          "Hub id user/name")
-    return AutoModelForSemanticSegmentation.from_pretrained(name)
+    return load_model_folder(name, device="cpu")[0]  # the loader of predict and evaluate (Auto classes)
 
 
 def run(args: argparse.Namespace) -> int:
