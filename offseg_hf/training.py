@@ -360,8 +360,9 @@ def resolve_config(overrides: dict[str, Any] | None = None, config_file: str | N
     sources: list[tuple[str, dict[str, Any]]] = []
     if config_file:
         sources.append((str(config_file), _load_config_file(config_file)))
-    sources.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
+    sources.append(("command line", dict(overrides or {})))
     for source, values in sources:
+        values = {k: v for k, v in values.items() if v is not None}  # null / None: the default
         values = _coerce(parser, _translate_legacy(values), source)
         for key, value in values.items():
             if key not in names:

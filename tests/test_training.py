@@ -305,6 +305,13 @@ def test_earlier_option_names_in_config_files_keep_working(tmp_path):
     file.write_text(json.dumps({"mixed_precision": "fp8"}))
     with pytest.raises(ValueError, match="mixed_precision must be no, bf16 or fp16"):
         resolve_config({}, str(file))
+    # the train_config.json offseg-hf 0.1 wrote (TrainConfig.to_json) still configures the same run
+    old = json.loads((REPO / "tests" / "fixtures" / "train_config_offseg_hf_0.1.json").read_text())
+    _, data, args = resolve_config({}, str(REPO / "tests" / "fixtures" / "train_config_offseg_hf_0.1.json"))
+    assert (data.dataset, data.crop_size, data.train_scale, args.max_steps, args.eval_steps) == ("synthetic", 64, [64, 64], 40, 20)
+    assert (args.learning_rate, args.warmup_steps, args.global_batch_size, args.per_device_eval_batch_size) == (
+        old["learning_rate"], old["warmup_steps"], old["global_batch_size"], old["eval_batch_size"])
+    assert args.max_grad_norm == 0.5 and args.use_cpu and args.dataloader_num_workers == 0 and not args.resume
     with pytest.raises(ValueError, match="is not --global-batch-size 8; give one of them"):
         resolve_config({"per_device_train_batch_size": 2, "global_batch_size": 8})
 
