@@ -116,7 +116,13 @@ SEGFORMER_VARIANTS = {
 
 def build_model(name: str, num_labels: int = 150) -> nn.Module:
     """Randomly initialised ``offseg-{t,b,l}``, ``segnext-{t,s,b,l}[-offset]`` or transformers' ``segformer-b{0,1,2}``
-    in eval mode."""
+    in eval mode; a model folder (any this package can make) is loaded by :func:`offseg_hf.predict.load_model`."""
+    from pathlib import Path
+
+    if Path(name).expanduser().is_dir():
+        from .predict import load_model
+
+        return load_model(name, device="cpu")[0]
     if name.startswith("segnext"):
         from .configuration_segnext import SegNextConfig
         from .modeling_segnext import SegNextForSemanticSegmentation

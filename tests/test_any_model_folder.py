@@ -70,3 +70,15 @@ def test_predict_accepts_the_folder(model_folder, tmp_path, capsys):
     assert status == 0, capsys.readouterr().err
     labels = np.asarray(Image.open(tmp_path / "out" / "scene_labels.png"))
     assert labels.shape == (40, 48) and labels.max() < NUM_LABELS
+
+
+def test_benchmark_and_prototypes_load_the_folder_with_the_same_loader(model_folder):
+    from offseg_hf.benchmark import build_model
+    from offseg_hf.commands.prototypes import load_model as prototypes_model
+    from offseg_hf.predict import load_model
+
+    kind, folder = model_folder
+    reference, _ = load_model(str(folder), device="cpu")
+    for model in (build_model(str(folder)), prototypes_model(str(folder), NUM_LABELS)):
+        assert type(model) is type(reference) and model.config.model_type == kind
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
