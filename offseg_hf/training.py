@@ -410,6 +410,7 @@ def parse_train_argv(argv: list[str]) -> tuple[dict[str, Any], str | None]:
         SystemExit: argparse's error for an unknown option or a bad value (status 2).
     """
     parser = argument_parser()
+    parser.prog, parser.usage = "offseg train", "%(prog)s [OPTION ...]   (offseg train --help lists them)"
     for action in parser._actions:
         action.default = argparse.SUPPRESS  # an option left out is left out of the namespace
     namespace = parser.parse_args(argv)
