@@ -68,6 +68,7 @@ KILL_POINTS = [("checkpoint-4", "before:modeling_offseg.py", 2), ("checkpoint-4"
                ("checkpoint-6", "1", 4)]
 
 
+@pytest.mark.slow  # 22-26 s each on the shared 2-core CPU (pytest --durations), plus a 25 s reference run
 @pytest.mark.parametrize("fragment, event, resumed_from", KILL_POINTS)
 def test_sigkill_during_save_then_resume_is_identical(tiny_model_dir, tmp_path, reference, fragment, event,
                                                       resumed_from):
