@@ -58,7 +58,7 @@ def _carafe_stack_features(features: torch.Tensor, groups: int, radius: int) -> 
     rows, cols, _ = _carafe_layout(batch, groups, height, width, radius)
     buffer = features.new_zeros(batch * groups * rows + 2 * radius + 1, cols, channels // groups)
     images = buffer[: batch * groups * rows].view(batch, groups, rows, cols, -1)
-    images[:, :, radius : radius + height, radius : radius + width] = features.view(
+    images[:, :, radius : radius + height, radius : radius + width] = features.reshape(
         batch, groups, -1, height, width
     ).permute(0, 1, 3, 4, 2)
     return buffer
@@ -79,7 +79,7 @@ def _carafe_stack_kernels(kernels: torch.Tensor, groups: int, kernel_size: int, 
     height, width, k = out_height // scale, out_width // scale, kernel_size
     rows, cols, positions = _carafe_layout(batch, groups, height, width, k // 2)
     buffer = kernels.new_zeros(k, batch, groups, rows, cols, scale, scale, k)
-    buffer[:, :, :, :height, :width] = kernels.view(batch, groups, k, k, height, scale, width, scale).permute(
+    buffer[:, :, :, :height, :width] = kernels.reshape(batch, groups, k, k, height, scale, width, scale).permute(
         2, 0, 1, 4, 6, 5, 7, 3
     )
     return buffer.view(k, positions, scale * scale, k)
@@ -120,7 +120,7 @@ class _Carafe(torch.autograd.Function):
         radius = k // 2
         rows, cols, positions = _carafe_layout(batch, groups, height, width, radius)
         grad = grad_output.new_zeros(batch, groups, rows, cols, scale, scale, channels // groups)
-        grad[:, :, :height, :width] = grad_output.view(
+        grad[:, :, :height, :width] = grad_output.reshape(
             batch, groups, -1, height, scale, width, scale
         ).permute(0, 1, 3, 5, 4, 6, 2)
         grad = grad.view(positions, scale * scale, -1)
@@ -191,14 +191,25 @@ def neighbour_cosine_similarity(features: torch.Tensor, dilation: int = 2) -> to
     """
     dtype = features.dtype
     features = features.float() if dtype in (torch.float16, torch.bfloat16) else features
-    batch, channels, height, width = features.shape
     norms = features.norm(dim=1, keepdim=True)
-    # The 3×3 dilated neighbourhood of every pixel, centre included (tap 4), as one im2col each.
-    neighbours = F.unfold(features, 3, dilation=dilation, padding=dilation).view(batch, channels, 9, height, width)
-    neighbour_norms = F.unfold(norms, 3, dilation=dilation, padding=dilation).view(batch, 9, height, width)
-    dots = (features.unsqueeze(2) * neighbours).sum(dim=1)
-    similarities = dots / (norms * neighbour_norms).clamp_min(1e-8)
-    return torch.cat([similarities[:, :4], similarities[:, 5:]], dim=1).to(dtype)
+    dots = (features.unsqueeze(2) * _dilated_neighbours(features, dilation)).sum(dim=1)
+    similarities = dots / (norms * _dilated_neighbours(norms, dilation)[:, 0]).clamp_min(1e-8)
+    return similarities.to(dtype)
+
+
+def _dilated_neighbours(features: torch.Tensor, dilation: int) -> torch.Tensor:
+    """The 8 neighbours of every pixel in a dilated 3×3 window, zero outside: `(B, C, H, W) -> (B, C, 8, H, W)`."""
+    height, width = features.shape[-2:]
+    padded = F.pad(features, [dilation] * 4)
+    return torch.stack(
+        [
+            padded[:, :, row * dilation : row * dilation + height, col * dilation : col * dilation + width]
+            for row in range(3)
+            for col in range(3)
+            if (row, col) != (1, 1)
+        ],
+        dim=2,
+    )
 
 
 class OffSegProjectionConv(nn.Conv2d):
@@ -288,18 +299,18 @@ class OffSegSimilaritySampler(nn.Module):
         `offset`: `(B, 2·groups·4, h, w)` in low-res pixel units, layout ``[xy][group][sub-pixel]``.
         """
         batch, _, height, width = offset.shape
-        offset = offset.view(batch, 2, -1, height, width)
+        offset = offset.reshape(batch, 2, -1, height, width)
         ys = torch.arange(height, device=offset.device, dtype=offset.dtype) + 0.5
         xs = torch.arange(width, device=offset.device, dtype=offset.dtype) + 0.5
         centres = torch.stack([xs.view(1, width).expand(height, width), ys.view(height, 1).expand(height, width)])
         size = torch.tensor([width, height], device=offset.device, dtype=offset.dtype).view(1, 2, 1, 1, 1)
         grid = 2 * (centres.view(1, 2, 1, height, width) + offset) / size - 1
-        grid = F.pixel_shuffle(grid.view(batch, -1, height, width), self.scale)
-        grid = grid.view(batch, 2, self.groups, self.scale * height, self.scale * width)
+        grid = F.pixel_shuffle(grid.reshape(batch, -1, height, width), self.scale)
+        grid = grid.reshape(batch, 2, self.groups, self.scale * height, self.scale * width)
         grid = grid.permute(0, 2, 3, 4, 1).flatten(0, 1)
         grouped = features.reshape(batch * self.groups, -1, features.shape[-2], features.shape[-1])
         sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return sampled.view(batch, -1, self.scale * height, self.scale * width)
+        return sampled.reshape(batch, -1, self.scale * height, self.scale * width)
 
 
 class OffSegFreqFusion(nn.Module):

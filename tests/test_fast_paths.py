@@ -115,3 +115,29 @@ def test_fold_batch_norm_computes_the_same_function():
 def test_fold_batch_norm_refuses_training_mode():
     with pytest.raises(ValueError, match="eval mode"):
         fold_batch_norm(OffSegForSemanticSegmentation(tiny_offseg_config()).train())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_whole_model_compiles_without_graph_breaks(training):
+    """``torch.compile(fullgraph=True)`` traces the whole model (a graph break raises). The AOT-autograd backend
+    runs the traced forward and backward graphs without inductor's code generation (minutes on 2 cores);
+    ``offseg benchmark --compile`` measures the inductor build against eager on the full model."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = OffSegForSemanticSegmentation(tiny_offseg_config()).train(training)
+    pixel_values = torch.randn(2, 3, 64, 96)
+    labels = torch.randint(0, model.config.num_labels, (2, 64, 96))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    if not training:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=1e-5)
+        return
+    compiled(pixel_values=pixel_values, labels=labels).loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(pixel_values=pixel_values, labels=labels).loss.backward()
+    assert len(grads) == sum(p.grad is not None for p in model.parameters()) > 100
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
