@@ -115,6 +115,7 @@ class _Carafe(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         features, kernels = ctx.saved_tensors
+        grad_output = grad_output.to(features.dtype)
         k, scale, groups = ctx.kernel_size, ctx.scale, ctx.groups
         batch, channels, height, width = features.shape
         radius = k // 2
@@ -169,7 +170,9 @@ def carafe(features: torch.Tensor, kernels: torch.Tensor, kernel_size: int, scal
             f"carafe: kernels of shape {tuple(kernels.shape)} do not fit features {tuple(features.shape)} "
             f"with kernel_size={kernel_size}, scale={scale}, groups={groups}"
         )
-    return _Carafe.apply(features, kernels, kernel_size, scale, groups)
+    # Computed in the features' dtype (under autocast too, as an elementwise reassembly would be).
+    with torch.autocast(features.device.type, enabled=False):
+        return _Carafe.apply(features, kernels.to(features.dtype), kernel_size, scale, groups)
 
 
 def normalize_kernels(kernel_logits: torch.Tensor) -> torch.Tensor:
