@@ -14,6 +14,7 @@ CARAFE is a loop of elementwise multiply-adds that the counter does not see, so 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -189,34 +190,45 @@ def training_step(model: nn.Module, batch_size: int = 2, size: int = 512, num_la
     return step
 
 
-def _peak_memory_worker(name: str, workload: str, size: int, num_labels: int, threads: int | None, queue) -> None:
-    import resource
+def _resident_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process from /proc, in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
+
+def _peak_memory_worker(name: str, workload: str, size: int, num_labels: int, threads: int | None, queue) -> None:
     if threads:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
-    model = prepare_for_inference(build_model(name, num_labels)) if workload == "inference" else build_model(name, num_labels)
+    model = build_model(name, num_labels)
     if workload == "inference":
+        model = prepare_for_inference(model)
         pixel_values = torch.randn(1, 3, size, size)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        with torch.inference_mode():
-            model(pixel_values)
+        run = lambda: model(pixel_values)  # noqa: E731
     else:
-        step = training_step(model, size=size, num_labels=num_labels)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        step()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+        run = training_step(model, size=size, num_labels=num_labels)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets the peak (VmHWM) to the current resident size
+    before = _resident_mib("VmRSS")
+    with torch.inference_mode(workload == "inference"):
+        run()
+    queue.put(_resident_mib("VmHWM") - before)
 
 
 def peak_memory_mib(name: str, workload: str, size: int = 512, num_labels: int = 150, threads: int | None = 2) -> float:
     """Peak resident memory (MiB) a fresh process adds for one ``workload`` ("inference", batch 1, or "training":
     one AdamW step, batch 2, gradients and optimiser state included) over what the built model already holds.
 
-    CPU tensors have no allocator statistics, so this reads the process's high-water mark (``ru_maxrss``)
-    before and after, in a spawned process per measurement so that no other model's peak hides it.
+    CPU tensors have no allocator statistics, so this reads Linux's resident high-water mark (``VmHWM``, reset
+    just before the workload) in a spawned process per measurement, so that no other model's peak hides it.
     """
     import multiprocessing
 
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise RuntimeError("peak memory needs Linux's /proc/self/clear_refs (resettable peak resident size)")
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_peak_memory_worker, args=(name, workload, size, num_labels, threads, queue))

@@ -56,7 +56,8 @@ def test_benchmark_table_has_ratios_against_segformer():
 def test_peak_memory_of_a_training_step_is_measured_in_a_fresh_process():
     small = peak_memory_mib("offseg-t", "training", size=64, num_labels=5, threads=1)
     large = peak_memory_mib("offseg-t", "training", size=256, num_labels=5, threads=1)
-    assert 0 <= small < large  # activations of a 16x larger input must show
+    # Gradients and AdamW state alone are 3 × 6.1 M floats (70 MiB); activations of a 16x larger input add more.
+    assert 60 < small < large
 
 
 def test_operator_count_of_offseg_t_is_within_budget():
