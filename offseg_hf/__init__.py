@@ -9,7 +9,7 @@ alone.
 
 from .configuration_offseg import EFFICIENTFORMER_V2_VARIANTS, OFFSEG_PRESETS, EfficientFormerV2Config, OffSegConfig
 from .image_processing_offseg import OffSegImageProcessor, build_image_processor
-from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, EfficientFormerV2PreTrainedModel
+from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, EfficientFormerV2PreTrainedModel, fold_batch_norm
 from .modeling_offseg import (
     OffSegDecoder,
     OffSegForSemanticSegmentation,

@@ -58,6 +58,8 @@ def relative_position_index(query_grid: int, key_grid: int) -> tuple[torch.Tenso
 class EfficientFormerV2ConvNorm(nn.Sequential):
     """Conv2d followed by BatchNorm2d: `(B, C_in, H, W) -> (B, C_out, H / stride, W / stride)`."""
 
+    conv_norm_pairs = (("conv", "norm"),)
+
     def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, eps=1e-5):
         super().__init__()
         self.conv = nn.Conv2d(
@@ -256,6 +258,8 @@ class EfficientFormerV2PointwiseConv(nn.Conv2d):
 
 class EfficientFormerV2Mlp(nn.Module):
     """Convolutional MLP: `fc1 → BN → act → dw3×3 → BN → act → fc2 → BN`, `(B, C, H, W) -> (B, C, H, W)`."""
+
+    conv_norm_pairs = (("fc1", "norm1"), ("depthwise", "depthwise_norm"), ("fc2", "norm2"))
 
     def __init__(self, config: EfficientFormerV2Config, dim: int, hidden_dim: int):
         super().__init__()
@@ -462,4 +466,26 @@ class EfficientFormerV2Backbone(BackboneMixin, EfficientFormerV2PreTrainedModel)
         return BackboneOutput(feature_maps=tuple(stage_outputs[name] for name in self.out_features))
 
 
-__all__ = ["EfficientFormerV2Backbone", "EfficientFormerV2PreTrainedModel"]
+def fold_batch_norm(model: nn.Module) -> int:
+    """Fold every BatchNorm of EfficientFormerV2 into the convolution before it, for inference.
+
+    Each module declaring ``conv_norm_pairs`` gets its convolution replaced by the fused one
+    (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`: ``W' = W·γ/σ``, ``b' = (b − μ)·γ/σ + β``) and the BatchNorm
+    by ``nn.Identity``, which removes one pass over every normalised activation. The model computes the same
+    function in eval mode (to float rounding), but can no longer be trained or saved in the checkpoint layout:
+    fold a model only to run it. Returns the number of folded pairs; raises in training mode.
+    """
+    if model.training:
+        raise ValueError("fold_batch_norm needs a model in eval mode (model.eval()): BatchNorm folds its running statistics")
+    folded = 0
+    for module in list(model.modules()):
+        for conv_name, norm_name in getattr(module, "conv_norm_pairs", ()):
+            norm = getattr(module, norm_name)
+            if isinstance(norm, nn.BatchNorm2d):
+                setattr(module, conv_name, torch.nn.utils.fusion.fuse_conv_bn_eval(getattr(module, conv_name), norm))
+                setattr(module, norm_name, nn.Identity())
+                folded += 1
+    return folded
+
+
+__all__ = ["EfficientFormerV2Backbone", "EfficientFormerV2PreTrainedModel", "fold_batch_norm"]

@@ -5,7 +5,21 @@ import json
 import pytest
 import torch
 
-from offseg_hf.benchmark import build_model, count_macs, count_parameters, format_table, run_benchmark
+from offseg_hf.benchmark import (
+    Timer,
+    build_model,
+    count_macs,
+    count_operators,
+    count_parameters,
+    format_device_table,
+    format_table,
+    interleaved_times,
+    median_ratio,
+    peak_memory_mib,
+    prepare_for_inference,
+    run_benchmark,
+    run_device_benchmark,
+)
 
 
 @pytest.mark.parametrize("preset", ["offseg-t", "offseg-b", "offseg-l"])
@@ -26,14 +40,64 @@ def test_mac_counts_match_reference(fixtures_dir, preset):
 
 
 def test_benchmark_table_has_ratios_against_segformer():
-    rows = run_benchmark(["segformer-b0", "offseg-t"], size=64, runs=1, warmup=0, threads=None, num_labels=5)
-    assert [row.name for row in rows] == ["segformer-b0", "offseg-t"]
+    rows = run_benchmark(
+        ["offseg-t"], size=64, runs=2, warmup=0, threads=None, num_labels=5, train_runs=1
+    )
+    assert [row.name for row in rows] == ["segformer-b0", "offseg-t"]  # the baseline is added
     assert rows[1].parameters == count_parameters(build_model("offseg-t", 5))
-    table = format_table(rows)
-    lines = table.splitlines()
-    assert "latency / segformer-b0" in lines[0]
-    assert lines[2].endswith("| 1.00 |")  # the baseline against itself
-    assert len(lines) == 4
+    assert rows[0].latency_ratio == rows[0].train_ratio == 1.0
+    assert rows[1].latency_ratio == median_ratio(rows[1].latencies, rows[0].latencies)
+    assert len(rows[1].train_times) == 1 and rows[1].images_per_second == 2 / rows[1].train_times[0]
+    lines = format_table(rows).splitlines()
+    assert "inference / segformer-b0" in lines[0] and "train / segformer-b0" in lines[0]
+    assert len(lines) == 4 and lines[2].split("|")[7].strip() == "1.00"  # the baseline against itself
+
+
+def test_peak_memory_of_a_training_step_is_measured_in_a_fresh_process():
+    small = peak_memory_mib("offseg-t", "training", size=64, num_labels=5, threads=1)
+    large = peak_memory_mib("offseg-t", "training", size=256, num_labels=5, threads=1)
+    # Gradients and AdamW state alone are 3 × 6.1 M floats (70 MiB); activations of a 16x larger input add more.
+    assert 60 < small < large
+
+
+def test_operator_count_of_offseg_t_is_within_budget():
+    """Issue 14: at most 1,000 operators per inference forward (the count does not depend on the input size)."""
+    pixel_values = torch.randn(1, 3, 64, 64)
+    model = prepare_for_inference(build_model("offseg-t", 150))
+    assert count_operators(model, pixel_values) <= 1000
+    assert count_operators(model, pixel_values) == count_operators(model, torch.randn(1, 3, 96, 128))
+
+
+def test_device_benchmark_runs_its_device_independent_path_on_the_cpu():
+    rows = run_device_benchmark(
+        ["offseg-t"], device="cpu", size=64, batches=(1, 2), precisions=("fp32", "bf16"),
+        modes=("eager", "cudagraphs"), runs=1, warmup=0, num_labels=5,
+    )
+    # cudagraphs needs CUDA and is skipped; every model × precision × batch otherwise.
+    assert [(r.name, r.precision, r.batch, r.mode) for r in rows][:4] == [
+        ("segformer-b0", "fp32", 1, "eager"), ("offseg-t", "fp32", 1, "eager"),
+        ("segformer-b0", "fp32", 2, "eager"), ("offseg-t", "fp32", 2, "eager"),
+    ]
+    assert len(rows) == 8 and all(r.ratio == 1.0 for r in rows if r.name == "segformer-b0")
+    assert format_device_table(rows).count("\n") == 9
+
+
+def test_cuda_benchmark_refuses_cleanly_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal path does not apply")
+    from offseg_hf.cli import main
+
+    assert main(["benchmark", "--device", "cuda", "--models", "offseg-t"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        run_device_benchmark(["offseg-t"], device="cuda")
+
+
+def test_timer_and_interleaving():
+    calls = {"a": lambda: None, "b": lambda: sum(range(1000))}
+    times = interleaved_times(calls, runs=3, warmup=1, timer=Timer("cpu"))
+    assert set(times) == {"a", "b"} and all(len(v) == 3 and min(v) >= 0 for v in times.values())
+    assert median_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.0
 
 
 def test_unknown_model_name():

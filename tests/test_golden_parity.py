@@ -106,11 +106,24 @@ def test_offset_learning_between_given_embeddings_matches_reference_offset_learn
         masks = module.masks(data["mask_features"], data[prefix + "mask_embed"])
     assert max_diff(aligned_classes, data[prefix + "aligned_cls_repr"]) <= 1e-5
     assert max_diff(aligned_pixels, data[prefix + "aligned_img_feat"]) <= 1e-5
-    # mask_pred reaches |141| in the strong case, where one float32 step is 1.5e-5: compare it relatively there.
-    product = torch.einsum("bqc,bchw->bqhw", aligned_classes, aligned_pixels)
-    torch.testing.assert_close(product, data[prefix + "mask_pred"], atol=1e-5, rtol=1e-6)
-    # The re-associated product sums terms as large as the masks themselves: its rounding scales with max |M|.
-    assert max_diff(masks, data[prefix + "mask_pred"]) <= 1e-5 + 1e-6 * data[prefix + "mask_pred"].abs().max()
+    # mask_pred = Σ_c W'_qc·E'_c reaches |141| in the strong case, so the masks inherit the (asserted) differences
+    # of W' and E' scaled by the other factor; the CPU's matmul kernel sets those differences (AVX2 and AVX-512
+    # round differently). The masks must agree to that first-order propagation of the differences this run has
+    # (|ΔW'|·|E| + |W'|·|ΔE| + |ΔW'|·|ΔE|) plus float32 rounding of the C = 64-term sums (√C·ε·Σ|W'||E|).
+    reference_classes, reference_pixels = data[prefix + "aligned_cls_repr"], data[prefix + "aligned_img_feat"]
+    delta_classes = (aligned_classes - reference_classes).abs()
+    delta_pixels = (aligned_pixels - reference_pixels).abs()
+    products = "bqc,bchw->bqhw"
+    propagated = (
+        torch.einsum(products, delta_classes, reference_pixels.abs())
+        + torch.einsum(products, reference_classes.abs(), delta_pixels)
+        + torch.einsum(products, delta_classes, delta_pixels)
+    )
+    rounding = 8 * torch.finfo(torch.float32).eps * torch.einsum(products, reference_classes.abs(), reference_pixels.abs())
+    product = torch.einsum(products, aligned_classes, aligned_pixels)
+    for name, value in (("product", product), ("masks", masks)):
+        excess = (value - data[prefix + "mask_pred"]).abs() - (propagated + rounding + 1e-6)
+        assert excess.max() <= 0, f"{name}: {excess.max():.3g} beyond the propagated bound"
 
 
 @pytest.mark.parametrize("kernel_size,scale,groups", [(3, 1, 1), (5, 2, 1), (3, 2, 2)])
