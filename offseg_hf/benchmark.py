@@ -262,7 +262,7 @@ def build_model(name: str, num_labels: int = 150) -> nn.Module:
     if Path(name).expanduser().is_dir():
         from .predict import load_model
 
-        return load_model(name, device="cpu")[0]
+        return load_model(name, device="cpu", fold_batch_norm=False)[0]  # folded by prepare_for_inference
     if name.startswith("segnext"):
         from .configuration_segnext import SegNextConfig
         from .modeling_segnext import SegNextForSemanticSegmentation

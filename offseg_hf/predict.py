@@ -54,13 +54,17 @@ class ModelLoadError(OSError):
     """The model (or its image processor) cannot be loaded; the message says what was looked for."""
 
 
-def load_model(path: str, device: str = "auto"):
+def load_model(path: str, device: str = "auto", fold_batch_norm: bool = True, compile: bool = False):
     """Load a semantic-segmentation model folder (or Hub id) and its image processor for inference.
 
     Args:
         path: a folder written by ``save_pretrained`` (``config.json`` + weights, optionally
             ``preprocessor_config.json``), or a Hugging Face Hub id such as ``org/name``.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``…
+        fold_batch_norm: fold EfficientFormerV2's BatchNorms into their convolutions
+            (:func:`~offseg_hf.modeling_efficientformer_v2.fold_batch_norm`: same outputs, one pass less per norm);
+            the model is then for inference only (its state dict no longer has the checkpoint's layout).
+        compile: run the network through ``torch.compile`` (inductor; the first call of each input size compiles).
 
     Returns:
         ``(model, processor)``: the model in eval mode on ``device``; the folder's image processor, or a
@@ -112,6 +116,12 @@ def load_model(path: str, device: str = "auto"):
         model = model.to(device).eval()
     except (RuntimeError, AssertionError) as error:
         raise ModelLoadError(f"cannot move the model to device {device!r}: {error}") from error
+    if fold_batch_norm:
+        from .modeling_efficientformer_v2 import fold_batch_norm as fold
+
+        fold(model)
+    if compile:
+        model.forward = torch.compile(model.forward)
     return model, processor
 
 

@@ -141,3 +141,36 @@ def test_whole_model_compiles_without_graph_breaks(training):
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_inference_loader_folds_batch_norm_and_compiles_on_request(tmp_path):
+    from offseg_hf.predict import load_model
+
+    model = _model_with_trained_statistics()
+    model.save_pretrained(tmp_path)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    folded, _ = load_model(str(tmp_path), device="cpu")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(pixel_values).logits, expected, rtol=1e-4, atol=1e-4)
+    unfolded, _ = load_model(str(tmp_path), device="cpu", fold_batch_norm=False)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in unfolded.modules()) > 0
+    compiled, _ = load_model(str(tmp_path), device="cpu", compile=True)
+    assert hasattr(compiled.forward, "_torchdynamo_orig_callable")  # compiled lazily, at the first call
+
+
+def test_predict_evaluate_and_train_take_a_compile_flag():
+    import argparse
+
+    from offseg_hf.commands import evaluate, predict
+    from offseg_hf.training import parse_train_argv, resolve_config
+
+    for command in (predict, evaluate):
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        assert "--compile" in parser.format_help()
+    overrides, _ = parse_train_argv(["--dataset", "synthetic", "--compile", "--output-dir", "unused"])
+    training_args = resolve_config(overrides).training_args
+    assert training_args.torch_compile is True and training_args.optim == "adamw_torch_fused"

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad-samples", action="store_true",
                         help="leave out samples that fail the dataset check and report how many (default: stop)")
     parser.add_argument("--output-dir", help="where the JSON / Markdown go (default: the model folder, else .)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the network through torch.compile (inductor): faster after the first call of each "
+                        "input size, which compiles (default: off)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     synthetic = parser.add_argument_group(
         "synthetic dataset (defaults: the model folder's train_config.json, else 100 scenes of 64 px, seed 0)")
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             data = data.select(range(min(args.max_samples, len(data))))
         data = ensure_clean(data, f"{dataset} {args.split}", skip_bad_samples=args.skip_bad_samples)
     try:
-        model, processor = load_model(args.model, device=args.device or "auto")
+        model, processor = load_model(args.model, device=args.device or "auto", compile=args.compile)
     except ModelLoadError as error:
         print(f"offseg evaluate: {error}", file=sys.stderr)
         return 2

@@ -42,6 +42,9 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
         "--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
         help="override the keep-ratio resize: short side SHORT, long side at most LONG (e.g. 1024 256 for a quick CPU preview)",
     )
+    parser.add_argument("--compile", action="store_true",
+                        help="run the network through torch.compile (inductor): faster after the first call of each "
+                        "input size, which compiles (default: off)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda when available)")
 
 
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print("offseg predict: no image to segment", file=sys.stderr)
         return 2
     try:
-        model, processor = load_model(args.model, device=args.device)
+        model, processor = load_model(args.model, device=args.device, compile=args.compile)
     except ModelLoadError as error:
         print(f"offseg predict: {error}", file=sys.stderr)
         return 2

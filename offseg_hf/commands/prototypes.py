@@ -70,7 +70,7 @@ def load_model(name: str, num_labels: int, class_names: list[str] | None = None)
     if not Path(name).expanduser().is_dir() and not HUB_ID.match(name):  # no Hub request for a mistyped name
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(RANDOM_MODELS)}, a model folder or a "
                          "Hub id user/name")
-    return load_model_folder(name, device="cpu")[0]  # the loader of predict and evaluate (Auto classes)
+    return load_model_folder(name, device="cpu", fold_batch_norm=False)[0]  # the loader of predict and evaluate (Auto classes)
 
 
 def run(args: argparse.Namespace) -> int:
