@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from offseg_hf.benchmark import build_model, count_macs, count_parameters, format_table, run_benchmark
+from benchmarks.models import build_model, count_macs, count_parameters, format_table, run_benchmark
 
 
 @pytest.mark.parametrize("preset", ["offseg-t", "offseg-b", "offseg-l"])

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from offseg_hf.conversion import ConversionError, convert_checkpoint, push_folder_to_hub, read_checkpoint, resolve_dataset
+from offseg_hf.conversion.convert import ConversionError, convert_checkpoint, push_folder_to_hub, read_checkpoint, resolve_dataset
 from offseg_hf.data.tables import get_dataset_info
 
 from hub_stand_in import LocalHub
@@ -160,7 +160,7 @@ def test_t_processor_and_card(converted_t):
     assert "6,183,626 (6.18 M, counted from the model)" in card.text
 
 
-# pipeline("image-segmentation") on a converted folder in a fresh process (with and without `import offseg_hf`,
+# pipeline("image-segmentation") on a converted folder in a fresh process (with and without `import offseg_hf.models`,
 # stdin closed, no prompt) and its parity with offseg_hf.segment: tests/test_pipeline.py.
 
 
@@ -180,7 +180,7 @@ def test_b_cityscapes_through_cli_and_hub(official_t, fixtures_dir, tmp_path, mo
     from huggingface_hub import constants
 
     from offseg_hf.cli import main
-    from offseg_hf.modeling_offseg import OffSegForSemanticSegmentation
+    from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
 
     state_dict = manifest_state_dict(fixtures_dir / "offseg-b_official_keys.json", official_t, num_labels=19)
     checkpoint = tmp_path / "offseg-b_cityscapes.pth"
@@ -214,7 +214,7 @@ def test_b_cityscapes_through_cli_and_hub(official_t, fixtures_dir, tmp_path, mo
 
 
 def test_l_cocostuff(official_t, fixtures_dir, tmp_path):
-    from offseg_hf.modeling_offseg import OffSegForSemanticSegmentation
+    from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
 
     state_dict = manifest_state_dict(fixtures_dir / "offseg-l_official_keys.json", official_t, num_labels=171, seed=1)
     checkpoint = tmp_path / "offseg-l_coco-stuff.pth"
@@ -259,7 +259,7 @@ def test_bookkeeping_objects_next_to_the_weights_are_ignored(tmp_path, caplog):
     weights = {"a": torch.arange(3.0)}
     meta = {"seed": np.int64(7), "dataset_meta": {"classes": ("road", "sky")}, "args": argparse.Namespace(lr=1)}
     torch.save({"state_dict": weights, "meta": meta, "message_hub": {"log": argparse.Namespace(x=np.ones(3))}}, checkpoint)
-    with caplog.at_level("INFO", logger="offseg_hf.conversion"):
+    with caplog.at_level("INFO", logger="offseg_hf.conversion.convert"):
         state_dict, read_meta = read_checkpoint(checkpoint)
     assert torch.equal(state_dict["a"], weights["a"])
     assert read_meta == {"dataset_meta": {"classes": ("road", "sky")}}
@@ -311,7 +311,7 @@ def test_wrong_class_count(official_t, tmp_path):
 
 
 def test_dataset_resolution_and_processor_per_dataset(caplog):
-    from offseg_hf.image_processing_offseg import build_image_processor
+    from offseg_hf.inference.image_processing_offseg import build_image_processor
 
     assert resolve_dataset(59).name == "pascal-context"
     assert resolve_dataset(19, "Cityscapes").name == "cityscapes"
@@ -319,7 +319,7 @@ def test_dataset_resolution_and_processor_per_dataset(caplog):
     names = list(get_dataset_info("coco-stuff").class_names)
     assert resolve_dataset(171, meta={"dataset_meta": {"classes": names}}).name == "coco-stuff"
     # same count, different names: the table is used, with a warning naming the differences
-    with caplog.at_level("WARNING", logger="offseg_hf.conversion"):
+    with caplog.at_level("WARNING", logger="offseg_hf.conversion.convert"):
         info = resolve_dataset(19, meta={"dataset_meta": {"classes": ["lane"] + ["x"] * 18}})
     assert info.name == "cityscapes" and "0: 'lane' vs 'road'" in caplog.text
     expected = {  # (shortest_edge, longest_edge, reduce_labels) of the paper's test resize

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffsetLearning, carafe
-from offseg_hf.convert import CheckpointMismatchError, convert_official_state_dict, detect_preset, num_labels_of
+from offseg_hf.conversion.keymaps import CheckpointMismatchError, convert_official_state_dict, detect_preset, num_labels_of
 
 ATOL = 1e-4
 

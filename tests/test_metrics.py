@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from offseg_hf.metrics import (
+from offseg_hf.evaluation.metrics import (
     LABEL_PAD_VALUE,
     SegmentationMetricsForTrainer,
     StreamingIoU,
@@ -118,9 +118,9 @@ def test_markdown_table():
 
 def test_evaluate_module_offline():
     evaluate = pytest.importorskip("evaluate")
-    import offseg_hf.mean_iou
+    import offseg_hf.evaluation.mean_iou
 
-    metric = evaluate.load(offseg_hf.mean_iou.__file__, num_labels=4)
+    metric = evaluate.load(offseg_hf.evaluation.mean_iou.__file__, num_labels=4)
     metric.add_batch(predictions=np.array([[[0, 0, 2]]]), references=np.array([[[0, 0, 0]]]))
     metric.add(prediction=np.array([[1, 0, 3]]), reference=np.array([[1, 1, 255]]))
     out = metric.compute()

@@ -17,9 +17,9 @@ from PIL import Image, ImageOps
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
 from offseg_hf.cli import main
 from offseg_hf.data.tables import get_dataset_info, palette_array
-from offseg_hf.image_io import load_image, to_rgb
-from offseg_hf.image_processing_offseg import build_image_processor
-from offseg_hf.visualize import deterministic_palette, overlay_layout
+from offseg_hf.inference.image_io import load_image, to_rgb
+from offseg_hf.inference.image_processing_offseg import build_image_processor
+from offseg_hf.inference.visualize import deterministic_palette, overlay_layout
 
 FAST = ["--scale", "128", "64", "--quiet"]  # short side 64: fast on CPU
 CUSTOM_LABELS = ["sky", "tree", "road", "person", "car"]

@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offseg_hf.convert import CheckpointMismatchError
-from offseg_hf.convert_segformer import (
+from offseg_hf.conversion.keymaps import CheckpointMismatchError
+from offseg_hf.conversion.segformer import (
     convert_segformer_offset_state_dict,
     is_segformer_offset_state_dict,
     segformer_offset_config_from_state_dict,
     segformer_offset_key,
 )
-from offseg_hf.modeling_segformer_offset import SegformerOffsetForSemanticSegmentation
+from offseg_hf.models.modeling_segformer_offset import SegformerOffsetForSemanticSegmentation
 
 ATOL = 1e-4  # reference runs differ by up to 1.5e-5 between batch-1 and batch-2 evaluation
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from offseg_hf import EfficientFormerV2Config, OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.training import (
+from offseg_hf.training.train import (
     RECIPES,
     build_model,
     build_param_groups,
@@ -83,7 +83,7 @@ def test_warmup_poly_values():
 
 def test_trainer_learning_rates_at_chosen_steps(tiny_model_dir, tmp_path):
     """The real optimiser + scheduler of the Trainer: group lrs after 0, warm-up/2, warm-up and the end."""
-    from offseg_hf.training import build_trainer
+    from offseg_hf.training.train import build_trainer
 
     config = resolve_config({"dataset": "synthetic", "model": str(tiny_model_dir), "output_dir": str(tmp_path),
                              "max_steps": 20, "warmup_steps": 4, "num_labels": 4, "image_size": 32,
@@ -153,11 +153,11 @@ def _losses(output_dir: Path) -> dict[int, float]:
 def test_resume_after_kill_continues_identically(tiny_model_dir, tmp_path):
     steps = 6
     reference = tmp_path / "reference"
-    subprocess.run([sys.executable, "scripts/train.py", *_train_command(tiny_model_dir, reference, steps,
+    subprocess.run([sys.executable, "-m", "offseg_hf", "train", *_train_command(tiny_model_dir, reference, steps,
                     "--eval-steps", "3")], cwd=REPO, env=_env(), check=True, capture_output=True)
     # a run killed once its step-3 checkpoint is complete
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "scripts/train.py", *_train_command(tiny_model_dir, killed, steps,
+    process = subprocess.Popen([sys.executable, "-m", "offseg_hf", "train", *_train_command(tiny_model_dir, killed, steps,
                                 "--eval-steps", "3")], cwd=REPO, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "checkpoint-3" / "trainer_state.json"
@@ -172,7 +172,7 @@ def test_resume_after_kill_continues_identically(tiny_model_dir, tmp_path):
             import shutil
 
             shutil.rmtree(killed / later)
-    result = subprocess.run([sys.executable, "scripts/train.py", *_train_command(tiny_model_dir, killed, steps,
+    result = subprocess.run([sys.executable, "-m", "offseg_hf", "train", *_train_command(tiny_model_dir, killed, steps,
                              "--eval-steps", "3", "--resume")], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {killed / 'checkpoint-3'}" in result.stderr
@@ -192,7 +192,7 @@ def test_two_process_accelerate_launch_cpu(tiny_model_dir, tmp_path):
     output = tmp_path / "ddp"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29517", "scripts/train.py", *_train_command(tiny_model_dir, output, 3, "--eval-steps", "3",
+               "29517", "-m", "offseg_hf", "train", *_train_command(tiny_model_dir, output, 3, "--eval-steps", "3",
                                                             "--eval-samples", "3", "--global-batch-size", "4")]
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -206,7 +206,7 @@ def test_two_process_accelerate_launch_cpu(tiny_model_dir, tmp_path):
     # the distributed evaluation (3 images over 2 processes, batches of 2: padded, gathered, truncated)
     # equals a single-process evaluation of the saved model
     from offseg_hf.data.loading import load_segmentation_dataset
-    from offseg_hf.evaluation import evaluate_model, protocol_for
+    from offseg_hf.evaluation.evaluate import evaluate_model, protocol_for
     from transformers import AutoImageProcessor
 
     model = OffSegForSemanticSegmentation.from_pretrained(output).eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from offseg_hf import SegNextConfig, SegNextForSemanticSegmentation
-from offseg_hf.training import build_model, build_param_groups, resolve_config
+from offseg_hf.training.train import build_model, build_param_groups, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from offseg_hf.data.loading import LabelMapping, canonical_split, first_existing, paired_file_dataset, sorted_files
+from offseg_hf.data.files import LabelMapping, canonical_split, first_existing, paired_file_dataset, sorted_files
 
 __all__ = ["load_ade20k"]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from offseg_hf.data.loading import LabelMapping, canonical_split
+from offseg_hf.data.files import LabelMapping, canonical_split
 
 __all__ = ["KNOWN_HUB_DATASETS", "LABEL_FORMATS", "label_mapping_for", "load_hub_dataset"]
 
