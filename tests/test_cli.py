@@ -40,7 +40,7 @@ def _probe(argv: list[str]) -> tuple[dict, str, str, float]:
     return report, result.stdout, result.stderr, seconds
 
 
-COMMANDS = ["predict", "train", "evaluate", "check-data", "convert", "demo"]
+COMMANDS = ["predict", "train", "evaluate", "check-data", "convert"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], *[[name, "--help"] for name in COMMANDS]])

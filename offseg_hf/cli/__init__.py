@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_tool(module: ModuleType, argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """Run a command module outside the ``offseg`` dispatcher (the tools of ``benchmarks/`` and ``research/``):
     same options (``--quiet``, ``--debug``), help formatting and error handling as an ``offseg`` sub-command."""
-    prog = prog or f"python -m {module.__name__}"
+    prog = prog or f"python -m {getattr(module.__spec__, 'name', None) or module.__name__}"  # not __main__
     parser = argparse.ArgumentParser(prog=prog, description=(module.__doc__ or "").split("\n\n")[0].strip(),
                                      formatter_class=HelpFormatter, parents=[_common_options()])
     examples = getattr(module, "EXAMPLES", "").strip("\n")
