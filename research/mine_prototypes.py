@@ -48,7 +48,6 @@ def load_model(name: str, num_labels: int, class_names: list[str] | None = None)
     from transformers import AutoModelForSemanticSegmentation, SegformerConfig, SegformerForSemanticSegmentation
 
     import offseg_hf.models  # noqa: F401  registers the models with the Auto classes
-    from offseg_hf import modeling_segformer_offset  # noqa: F401  registers SegFormer + offset learning
 
     labels = {}
     if class_names is not None:

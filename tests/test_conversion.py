@@ -259,7 +259,7 @@ def test_bookkeeping_objects_next_to_the_weights_are_ignored(tmp_path, caplog):
     weights = {"a": torch.arange(3.0)}
     meta = {"seed": np.int64(7), "dataset_meta": {"classes": ("road", "sky")}, "args": argparse.Namespace(lr=1)}
     torch.save({"state_dict": weights, "meta": meta, "message_hub": {"log": argparse.Namespace(x=np.ones(3))}}, checkpoint)
-    with caplog.at_level("INFO", logger="offseg_hf.conversion.convert"):
+    with caplog.at_level("INFO", logger="offseg_hf.conversion"):
         state_dict, read_meta = read_checkpoint(checkpoint)
     assert torch.equal(state_dict["a"], weights["a"])
     assert read_meta == {"dataset_meta": {"classes": ("road", "sky")}}
@@ -319,7 +319,7 @@ def test_dataset_resolution_and_processor_per_dataset(caplog):
     names = list(get_dataset_info("coco-stuff").class_names)
     assert resolve_dataset(171, meta={"dataset_meta": {"classes": names}}).name == "coco-stuff"
     # same count, different names: the table is used, with a warning naming the differences
-    with caplog.at_level("WARNING", logger="offseg_hf.conversion.convert"):
+    with caplog.at_level("WARNING", logger="offseg_hf.conversion"):
         info = resolve_dataset(19, meta={"dataset_meta": {"classes": ["lane"] + ["x"] * 18}})
     assert info.name == "cityscapes" and "0: 'lane' vs 'road'" in caplog.text
     expected = {  # (shortest_edge, longest_edge, reduce_labels) of the paper's test resize
@@ -340,7 +340,7 @@ def test_renamed_and_reshaped_keys(official_t, tmp_path):
         convert_checkpoint(checkpoint, tmp_path / "out")
     message = str(error.value)
     assert "'decode_head.align.conv.weights'" in message  # the unexpected key, as in the file
-    assert "missing key for 'offseg.decoder.align.conv.weight'" in message
+    assert "missing key 'offseg.decoder.align.conv.weight'" in message
     assert str(checkpoint) in message
     assert_nothing_written(tmp_path, "out")
 
@@ -374,9 +374,9 @@ def test_cli_error_exit_status(tmp_path, capsys):
     assert_nothing_written(tmp_path, "out")
 
 
-def test_script_is_a_thin_wrapper():
+def test_python_m_offseg_hf_convert_help():
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "convert_offseg_to_hf.py"), "--help"],
+        [sys.executable, "-m", "offseg_hf", "convert", "--help"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert completed.returncode == 0, completed.stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offseg_hf.conversion.keymaps import CheckpointMismatchError
+from offseg_hf.conversion.accounting import ConversionError
 from offseg_hf.conversion.segformer import (
     convert_segformer_offset_state_dict,
     is_segformer_offset_state_dict,
@@ -86,13 +86,13 @@ def test_mismatches_are_named(official):
     broken["decode_head.some_extra.weight"] = torch.zeros(3)
     del broken["decode_head.fusion_conv.bn.running_var"]
     broken["decode_head.offset_learning.mask_norm.weight"] = torch.zeros(7)
-    with pytest.raises(CheckpointMismatchError) as error:
+    with pytest.raises(ConversionError) as error:
         convert_segformer_offset_state_dict(broken)
     message = str(error.value)
     assert "decode_head.some_extra.weight" in message
     assert "decode_head.batch_norm.running_var" in message
     assert "decode_head.offset_learning.mask_norm.weight" in message
-    with pytest.raises(CheckpointMismatchError, match="not a SegFormer"):
+    with pytest.raises(ConversionError, match="not a SegFormer"):
         convert_segformer_offset_state_dict({"backbone.patch_embed.0.weight": torch.zeros(1)})
 
 

@@ -55,7 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Convert; returns 0 on success, 1 when the checkpoint cannot be converted or the upload fails."""
     from offseg_hf.conversion import convert as conversion
-    from offseg_hf.conversion.keymaps import CheckpointMismatchError
 
     if args.private and not args.push_to_hub:
         print("offseg convert: --private needs --push-to-hub", file=sys.stderr)
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             private=args.private,
             token=args.token,
         )
-    except (FileNotFoundError, conversion.ConversionError, CheckpointMismatchError) as error:
+    except (FileNotFoundError, conversion.ConversionError) as error:
         print(f"offseg convert: error: {error}", file=sys.stderr)
         return 1
     except Exception as error:  # noqa: BLE001 - upload errors (HTTP, auth) end the command with a message

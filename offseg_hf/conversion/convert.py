@@ -1,54 +1,93 @@
-"""From the authors' checkpoints to Transformers folders and Hub repos.
+"""From the authors' checkpoints to Transformers folders and Hub repos: one flow for every kind of checkpoint.
 
-Two entry points:
+:func:`convert_any_checkpoint` (``offseg convert``) reads the file once (:mod:`~offseg_hf.conversion.reading`:
+safetensors or ``weights_only=True``), detects what it holds (:data:`CHECKPOINT_KINDS`: OffSeg, SegFormer + offset
+learning, SegNeXt ± offset learning, EfficientFormerV2 ImageNet in the authors' or timm's layout, MSCAN ImageNet)
+and dispatches to that kind's converter:
 
-* :func:`convert_checkpoint`: an official OffSeg checkpoint (mmsegmentation ``.pth``: a dict with
-  ``state_dict`` and ``meta``) → a folder with ``config.json`` (the dataset's real ``id2label``),
-  ``model.safetensors``, ``preprocessor_config.json`` (the paper's test-time pipeline of that dataset)
-  and ``README.md`` (model card), optionally verified and pushed to the Hub. The folder is written to a
-  temporary sibling directory and renamed at the end, so a failure leaves nothing behind.
-* :func:`load_imagenet_backbone_weights`: an EfficientFormerV2 ImageNet checkpoint (the authors'
-  ``eformer_s1_450.pth`` etc., a dict with ``model``, or a timm ``efficientformerv2_*`` state dict) →
-  :class:`~offseg_hf.models.modeling_efficientformer_v2.EfficientFormerV2Backbone`, the starting point of
-  OffSeg training in the paper; :func:`convert_backbone_checkpoint` writes such a backbone as a
-  Transformers folder. :func:`convert_any_checkpoint` (``offseg convert``) picks the right one.
+* :func:`convert_checkpoint`: OffSeg → a folder with ``config.json`` (the dataset's real ``id2label``),
+  ``model.safetensors``, ``preprocessor_config.json`` (the paper's test-time pipeline of that dataset) and
+  ``README.md`` (model card);
+* :func:`convert_segformer_offset_checkpoint`, :func:`convert_segnext_checkpoint`: the same for those models;
+* :func:`convert_backbone_checkpoint`, :func:`convert_mscan_checkpoint`: ImageNet backbones to start training from.
 
-The key renaming itself lives in :mod:`offseg_hf.conversion.keymaps`; this module reads files, decides variant and
-dataset, accounts for every key, writes, verifies and uploads.
+Each converter maps the keys with its declarative rules (:mod:`~offseg_hf.conversion.keymaps`,
+:mod:`~offseg_hf.conversion.segformer`, :mod:`~offseg_hf.conversion.segnext`,
+:mod:`~offseg_hf.conversion.efficientformer_v2`), accounts for every key
+(:func:`~offseg_hf.conversion.accounting.account_for_keys`), and ends the same way (:func:`_finish`): the folder is
+written to a temporary sibling and renamed into place (a failure leaves nothing behind), optionally reloaded and
+compared (weights and logits), then optionally uploaded. Every failure is a
+:class:`~offseg_hf.conversion.accounting.ConversionError` (or ``FileNotFoundError``) naming the culprit.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 import uuid
-import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi
+from transformers import AutoImageProcessor
 
+from offseg_hf.conversion.accounting import ConversionError
+from offseg_hf.conversion.efficientformer_v2 import (
+    ATTENTION_BIAS_POLICIES,
+    BackboneLoadReport,
+    detect_backbone_variant,
+    imagenet_to_reference_backbone,
+    is_imagenet_backbone_checkpoint,
+    load_imagenet_backbone_weights,
+    transfer_attention_biases,
+)
+from offseg_hf.conversion.keymaps import classifier_of, convert_official_state_dict, detect_preset, is_dropped, num_labels_of
+from offseg_hf.conversion.model_cards import render_backbone_card, render_model_card
+from offseg_hf.conversion.reading import read_checkpoint
+from offseg_hf.conversion.segformer import (
+    convert_segformer_offset_state_dict,
+    is_segformer_offset_state_dict,
+    segformer_offset_config_from_state_dict,
+)
+from offseg_hf.conversion.segnext import (
+    convert_mscan_state_dict,
+    convert_segnext_state_dict,
+    detect_mscan_variant,
+    is_mscan_backbone_state_dict,
+    is_segnext_state_dict,
+    preset_name,
+    segnext_config_from_state_dict,
+)
 from offseg_hf.data.tables import DATASET_NAMES, DatasetInfo, dataset_for_num_labels, get_dataset_info
 from offseg_hf.inference.image_processing_offseg import build_image_processor
+from offseg_hf.models.configuration_offseg import EfficientFormerV2Config, OffSegConfig
+from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2Backbone
+from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
+from offseg_hf.models.modeling_segformer_offset import SegformerOffsetForSemanticSegmentation
+from offseg_hf.models.modeling_segnext import MscanBackbone, SegNextForSemanticSegmentation
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ATTENTION_BIAS_POLICIES",
+    "CHECKPOINT_KINDS",
     "BackboneConversionResult",
     "BackboneLoadReport",
+    "CheckpointKind",
     "ConversionError",
     "ConversionResult",
     "convert_any_checkpoint",
     "convert_backbone_checkpoint",
     "convert_checkpoint",
     "convert_mscan_checkpoint",
+    "convert_segformer_offset_checkpoint",
     "convert_segnext_checkpoint",
     "detect_backbone_variant",
+    "detect_checkpoint_kind",
     "imagenet_to_reference_backbone",
     "is_imagenet_backbone_checkpoint",
     "load_imagenet_backbone_weights",
@@ -57,10 +96,6 @@ __all__ = [
     "resolve_dataset",
     "transfer_attention_biases",
 ]
-
-
-class ConversionError(ValueError):
-    """A checkpoint cannot be converted; the message names the file, key or shape at fault."""
 
 
 @dataclass
@@ -77,178 +112,22 @@ class ConversionResult:
     dropped_keys: list[str] = field(default_factory=list)
 
 
+@dataclass
+class BackboneConversionResult:
+    """What :func:`convert_backbone_checkpoint` produced."""
+
+    output_dir: Path
+    variant: str
+    layout: str
+    attention_biases: str
+    num_parameters: int
+    dropped_keys: list[str]
+    hub_url: str | None = None
+    architecture: str = "EfficientFormerV2"
+
 # --------------------------------------------------------------------------------------------------
-# Reading checkpoints
+# What the checkpoint is
 # --------------------------------------------------------------------------------------------------
-
-
-class _InertObject:
-    """Base of the stand-ins :func:`read_checkpoint` builds for non-tensor Python objects in a checkpoint."""
-
-
-def _inert_class(qualified_name: str) -> type:
-    """An inert class named like ``qualified_name``: constructing or restoring it runs nothing from the file."""
-    module, _, name = qualified_name.rpartition(".")
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    return type(
-        name,
-        (_InertObject,),
-        {
-            "__module__": module,
-            "__qualname__": name,
-            "__new__": __new__,
-            "__init__": lambda self, *args, **kwargs: None,
-            "__setstate__": lambda self, state: None,
-            "__repr__": lambda self: f"<{qualified_name} (not read)>",
-        },
-    )
-
-
-def _load_with_inert_objects(path: Path, first_error: Exception):
-    """Second ``weights_only=True`` attempt for checkpoints that also pickle bookkeeping objects.
-
-    mmengine checkpoints carry e.g. ``message_hub`` (``HistoryBuffer`` objects holding numpy arrays) next to
-    ``state_dict``. The globals those objects need are answered with inert stand-ins (allow-listed via
-    ``torch.serialization.safe_globals``), so the unpickler stays restricted and no code from the file runs;
-    the stand-ins are dropped afterwards and only tensors are used.
-    """
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        with torch.serialization.safe_globals([_inert_class(name) for name in names]):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
-        raise ConversionError(
-            f"{path} holds Python objects besides tensors that torch.load(weights_only=True) refuses to unpickle "
-            f"({first_error}; {error}). Only if you trust the file, keep just its weights in a trusted environment and "
-            "convert that file:\n"
-            f"  python -c \"import torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
-            f"torch.save({{'state_dict': c['state_dict'], 'meta': {{}}}}, '{path.with_suffix('')}-weights.pth')\""
-        ) from error
-    logger.info("%s: ignored non-tensor objects of types %s (not needed for the weights)", path, ", ".join(names))
-    return payload
-
-
-def _without_inert(value):
-    """``value`` with inert stand-ins removed (dicts, lists, tuples walked)."""
-    if isinstance(value, _InertObject):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _without_inert(v) for k, v in value.items() if not isinstance(v, _InertObject)}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_without_inert(v) for v in value if not isinstance(v, _InertObject))
-    return value
-
-
-def _identify_pytorch_file(path: Path) -> None:
-    """Raise unless ``path`` looks like a file ``torch.save`` wrote: a complete zip archive with a ``data.pkl``
-    record, or a legacy (pre-1.6) pickle. Only then can "holds Python objects besides tensors" be the problem;
-    anything else is not a checkpoint, and nothing in it is worth unpickling."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head.startswith(b"PK\x03\x04"):
-        if not zipfile.is_zipfile(path):
-            raise ConversionError(
-                f"cannot read {_describe(path)}: a zip archive that is truncated or damaged; download it again and "
-                "compare its size with the original"
-            )
-        with zipfile.ZipFile(path) as archive:
-            if not any(name.endswith("data.pkl") for name in archive.namelist()):
-                raise ConversionError(f"{_describe(path)} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
-        return
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle protocol 2-5
-        return
-    hint = " (it starts like an HTML/XML page: a failed download?)" if head.lstrip()[:1] == b"<" else ""
-    raise ConversionError(
-        f"{_describe(path)} is not a checkpoint: neither a PyTorch file (a zip archive or a legacy pickle) nor "
-        f"safetensors (first bytes {head!r}){hint}; check the file name and download it again"
-    )
-
-
-def _describe(path: Path) -> str:
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return str(path)
-    return f"{path} ({size:,} bytes)"
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint file into ``(state_dict, meta)``.
-
-    Accepts ``.safetensors`` files and PyTorch files (``torch.load(..., weights_only=True)``: no
-    arbitrary code runs). A PyTorch file may hold an mmsegmentation checkpoint (``{"state_dict": ...,
-    "meta": ...}``), an ImageNet classification checkpoint (``{"model": ...}``) or a bare state dict.
-    Python objects next to the weights (mmengine's ``message_hub``, numpy scalars in ``meta`` …), which
-    ``weights_only`` refuses to build, are read as inert stand-ins and ignored (see
-    :func:`_load_with_inert_objects`); only such objects *inside* the state dict are an error.
-
-    Returns:
-        ``state_dict``: ``{key: tensor}`` (an mmsegmentation ``state_dict``, or the ``model`` entry);
-        ``meta``: the ``meta`` entry (``{}`` if absent).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ConversionError: unreadable (truncated, not a checkpoint) or holding non-tensor objects that
-            ``weights_only`` loading refuses (the message says how to re-save the file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(path))), {}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ConversionError(f"cannot read {_describe(path)} as safetensors: {error}") from error
-    _identify_pytorch_file(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many types; all mean "cannot read"
-        message = str(error)
-        if "Weights only load failed" not in message and "weights_only" not in message:
-            if isinstance(error, (zipfile.BadZipFile, EOFError, RuntimeError)) or "zip" in message.lower():
-                raise ConversionError(
-                    f"cannot read {_describe(path)}: the file is truncated or not a PyTorch checkpoint ({message}); "
-                    "download it again and compare its size with the original"
-                ) from error
-            raise ConversionError(f"cannot read {_describe(path)}: {type(error).__name__}: {message}") from error
-        payload = _load_with_inert_objects(path, error)
-    if not isinstance(payload, Mapping):
-        raise ConversionError(f"{path} holds a {type(payload).__name__}, not a checkpoint dict")
-    for key in ("state_dict", "model", "model_ema"):
-        if key in payload and isinstance(payload[key], Mapping):
-            inert = sorted(k for k, v in payload[key].items() if isinstance(v, _InertObject))
-            if inert:
-                raise ConversionError(
-                    f"{path}: the weights themselves contain Python objects that torch.load(weights_only=True) will not "
-                    f"build ({', '.join(f'{k!r}: {payload[key][k]!r}' for k in inert[:5])}). Only if you trust the file, "
-                    "re-save the tensors in a trusted environment and convert that file:\n"
-                    f"  python -c \"import torch; c = torch.load('{path}', map_location='cpu', weights_only=False); "
-                    f"torch.save({{'state_dict': {{k: torch.as_tensor(v) for k, v in c['state_dict'].items()}}}}, "
-                    f"'{path.with_suffix('')}-weights.pth')\""
-                )
-    meta = _without_inert(payload.get("meta")) or {}
-    for key in ("state_dict", "model", "model_ema"):
-        if key in payload and isinstance(payload[key], Mapping):
-            state_dict = payload[key]
-            break
-    else:
-        state_dict = payload
-    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ConversionError(
-            f"{path} contains no tensors (top-level keys: {sorted(map(str, payload))[:10]}); "
-            "expected an mmsegmentation checkpoint with a 'state_dict' entry"
-        )
-    others = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
-    if others:
-        raise ConversionError(f"{path}: state-dict entries that are not tensors: {others[:10]}")
-    return dict(tensors), dict(meta) if isinstance(meta, Mapping) else {}
 
 
 def _looks_like(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -281,11 +160,6 @@ def _check_offseg_keys(state_dict: Mapping[str, torch.Tensor], path: str) -> Non
             f"{path} is not an OffSeg checkpoint (EfficientFormerV2 backbone + OffSeg head): it lacks {missing}; "
             f"it looks like {_looks_like(state_dict)} (first keys: {example}){hint}"
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# Dataset, config, model, processor
-# --------------------------------------------------------------------------------------------------
 
 
 def resolve_dataset(num_labels: int, dataset: str | None = None, meta: Mapping | None = None) -> DatasetInfo:
@@ -334,59 +208,8 @@ def resolve_dataset(num_labels: int, dataset: str | None = None, meta: Mapping |
     return info
 
 
-def _account_for_keys(state_dict: Mapping[str, torch.Tensor], model) -> None:
-    """Every checkpoint key is mapped onto a model key of the same shape, or dropped by design; every
-    model key is provided. Raises :class:`ConversionError` naming the checkpoint's own keys."""
-    from offseg_hf.conversion.keymaps import CheckpointMismatchError, is_dropped, official_to_hf_key
-
-    ours = model.state_dict()
-    provided: dict[str, str] = {}
-    problems: list[str] = []
-    for key, value in state_dict.items():
-        if is_dropped(key, model.config.classifier):
-            continue
-        try:
-            target = official_to_hf_key(key)
-        except CheckpointMismatchError:
-            problems.append(f"unexpected key {key!r} (shape {tuple(value.shape)}): no OffSeg parameter has this name")
-            continue
-        if target not in ours:
-            problems.append(f"unexpected key {key!r} (shape {tuple(value.shape)}): maps to {target!r}, which the model lacks")
-            continue
-        provided[target] = key
-        shape = tuple(value.shape)
-        expected = tuple(ours[target].shape)
-        if shape != expected and not (target.endswith("class_embeddings") and shape == (1, *expected)):
-            problems.append(f"wrong shape for {key!r}: checkpoint {shape}, model {expected} ({target!r})")
-    for target, value in ours.items():
-        if target not in provided:
-            problems.append(f"missing key for {target!r} (shape {tuple(value.shape)}): the checkpoint has no tensor for it")
-    if problems:
-        raise ConversionError(f"the checkpoint does not match the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
-
-
-def _build_model(state_dict: Mapping[str, torch.Tensor], preset: str, info: DatasetInfo):
-    """Config + model with the mapped weights loaded; strict accounting of every key."""
-    from offseg_hf.models.configuration_offseg import OffSegConfig
-    from offseg_hf.conversion.keymaps import classifier_of, convert_official_state_dict
-    from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
-
-    config = OffSegConfig.from_preset(
-        preset, num_labels=info.num_labels, id2label=info.id2label, label2id=info.label2id,
-        classifier=classifier_of(state_dict),
-    )
-    model = OffSegForSemanticSegmentation(config)
-    _account_for_keys(state_dict, model)
-    expected = {key: value.shape for key, value in model.state_dict().items()}
-    mapped = convert_official_state_dict(state_dict, config, expected_shapes=expected)  # also checks derived buffers
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
-    if missing or unexpected:
-        raise ConversionError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    return model.eval(), mapped
-
-
 # --------------------------------------------------------------------------------------------------
-# Verification
+# The common end: write atomically, verify, push
 # --------------------------------------------------------------------------------------------------
 
 
@@ -398,8 +221,6 @@ def _verify_folder(folder: Path, mapped: Mapping[str, torch.Tensor], reference_m
     * the reloaded model and ``reference_model`` (built in memory from the original tensors) give the
       same logits on a fixed input ``randn(1, 3, size, size)`` (generator seed 0).
     """
-    from transformers import AutoImageProcessor
-
     reloaded = type(reference_model).from_pretrained(folder).eval()
     saved = reloaded.state_dict()
     weight_diff = 0.0
@@ -421,15 +242,6 @@ def _verify_folder(folder: Path, mapped: Mapping[str, torch.Tensor], reference_m
         )
     AutoImageProcessor.from_pretrained(folder)  # the processor config must load as well
     return {"max_weight_diff": weight_diff, "max_logits_diff": logits_diff, "logits_std": logits.std().item()}
-
-
-# --------------------------------------------------------------------------------------------------
-# The whole flow
-# --------------------------------------------------------------------------------------------------
-
-
-def _card_dataset_slug(name: str) -> str:
-    return {"coco-stuff": "cocostuff"}.get(name, name)
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -457,6 +269,80 @@ def _write_atomically(output_dir: Path, overwrite: bool, write) -> None:
             except OSError:
                 break
         raise
+
+
+def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:
+    """Rename the finished ``staging`` folder to ``output_dir`` (replacing it if ``overwrite``)."""
+    if output_dir.exists():
+        if output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        elif overwrite:
+            old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(output_dir, old)
+            os.replace(staging, output_dir)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            return
+        else:
+            raise ConversionError(f"output folder {output_dir} appeared while converting; not overwriting it")
+    os.replace(staging, output_dir)
+
+
+def push_folder_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload OffSeg model",
+) -> str:
+    """Create (if needed) the model repo ``repo_id`` and upload every file of ``folder`` in one commit.
+
+    The token comes from ``token``, else the usual places (``HF_TOKEN``, ``huggingface-cli login``); the
+    endpoint from ``HF_ENDPOINT``. Returns the URL of the commit.
+    """
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message)
+    return str(getattr(commit, "commit_url", commit))
+
+
+def _finish(result, output_dir: Path, overwrite: bool, write_files: Callable[[Path], None], *, verify_with=None,
+            push_to_hub: str | None, private: bool, token: str | None, commit_message: str):
+    """The end of every conversion: ``write_files(staging)`` into a fresh sibling folder, then (``verify_with =
+    (mapped, model, size)``) :func:`_verify_folder` on it, then the rename into place; then the upload."""
+
+    def write(staging: Path) -> None:
+        write_files(staging)
+        if verify_with is not None:
+            result.verification = _verify_folder(staging, *verify_with)
+
+    _write_atomically(output_dir, overwrite, write)
+    if push_to_hub:
+        result.hub_url = push_folder_to_hub(output_dir, push_to_hub, private=private, token=token,
+                                            commit_message=commit_message)
+    return result
+
+
+def _segmentation_files(model, dataset: str, card: Callable[[], str] | None = None) -> Callable[[Path], None]:
+    """What a segmentation folder holds: the model, the dataset's processor and (OffSeg) the model card."""
+    processor = build_image_processor(dataset)
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        if card is not None:
+            (staging / "README.md").write_text(card(), encoding="utf-8")
+
+    return write
+
+
+def _num_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# One converter per kind
+# --------------------------------------------------------------------------------------------------
 
 
 def convert_checkpoint(
@@ -492,57 +378,41 @@ def convert_checkpoint(
     Raises:
         FileNotFoundError, ConversionError: nothing is written.
     """
-    from offseg_hf.conversion.keymaps import CheckpointMismatchError, detect_preset, is_dropped, num_labels_of
-    from offseg_hf.conversion.model_cards import render_model_card
-
-    checkpoint = Path(checkpoint)
-    output_dir = Path(output_dir)
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     _check_output_dir(output_dir, overwrite)
     state_dict, meta = _loaded if _loaded is not None else read_checkpoint(checkpoint)
     _check_offseg_keys(state_dict, str(checkpoint))
     try:
         preset = detect_preset(state_dict)
-        num_labels = num_labels_of(state_dict)
-    except CheckpointMismatchError as error:
+        info = resolve_dataset(num_labels_of(state_dict), dataset, meta)
+    except ConversionError as error:
         raise ConversionError(f"{checkpoint}: {error}") from None
-    info = resolve_dataset(num_labels, dataset, meta)
-    try:
-        model, mapped = _build_model(state_dict, preset, info)
-    except (CheckpointMismatchError, ConversionError) as error:
+    config = OffSegConfig.from_preset(
+        preset, num_labels=info.num_labels, id2label=info.id2label, label2id=info.label2id,
+        classifier=classifier_of(state_dict),
+    )
+    model = OffSegForSemanticSegmentation(config)
+    try:  # every key mapped, dropped by design or derived (and then checked); every model key provided
+        mapped = convert_official_state_dict(
+            state_dict, config, expected_shapes={key: value.shape for key, value in model.state_dict().items()}
+        )
+    except ConversionError as error:
         raise ConversionError(f"{checkpoint} ({preset}, {info.name}): {error}") from None
-    dropped = sorted(k for k in state_dict if is_dropped(k, model.config.classifier))
-    processor = build_image_processor(info.name)
-    num_parameters = sum(p.numel() for p in model.parameters())
-    result = ConversionResult(output_dir, preset, info.name, info.num_labels, num_parameters, dropped_keys=dropped)
-
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging, safe_serialization=True)
-        processor.save_pretrained(staging)
-        card = render_model_card(
-            preset,
-            info.name,
-            model_id=model_id or push_to_hub or output_dir.name,
-            num_parameters=num_parameters,
-            source_checkpoint=checkpoint.name,
-        )
-        (staging / "README.md").write_text(card, encoding="utf-8")
-        if verify:
-            result.verification = _verify_folder(staging, mapped, model, verify_size)
-
-    _write_atomically(output_dir, overwrite, write)
-    if push_to_hub:
-        result.hub_url = push_folder_to_hub(
-            output_dir, push_to_hub, private=private, token=token,
-            commit_message=f"Add {preset} ({info.name}) converted from {checkpoint.name}",
-        )
-    return result
-
-
-def is_imagenet_backbone_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """Whether a state dict is an EfficientFormerV2 ImageNet classifier (authors' or timm layout)."""
-    keys = [k.removeprefix("module.") for k in state_dict]
-    return any(k.startswith(("patch_embed.", "network.")) for k in keys) or (
-        any(k.startswith("stem.conv1.") for k in keys) and any(k.startswith("stages.") for k in keys)
+    model.load_state_dict(mapped, strict=True)
+    model.eval()
+    num_parameters = _num_parameters(model)
+    result = ConversionResult(
+        output_dir, preset, info.name, info.num_labels, num_parameters,
+        dropped_keys=sorted(k for k in state_dict if is_dropped(k, config.classifier)),
+    )
+    card = lambda: render_model_card(  # noqa: E731
+        preset, info.name, model_id=model_id or push_to_hub or output_dir.name, num_parameters=num_parameters,
+        source_checkpoint=checkpoint.name,
+    )
+    return _finish(
+        result, output_dir, overwrite, _segmentation_files(model, info.name, card),
+        verify_with=(mapped, model, verify_size) if verify else None, push_to_hub=push_to_hub, private=private,
+        token=token, commit_message=f"Add {preset} ({info.name}) converted from {checkpoint.name}",
     )
 
 
@@ -562,60 +432,30 @@ def convert_segformer_offset_checkpoint(
     """Convert an official "SegFormer w/ Offset Learning" checkpoint into a Transformers folder.
 
     Writes ``config.json`` (``model_type: segformer_offset``, the dataset's class names), ``model.safetensors``
-    and ``preprocessor_config.json``, atomically; ``verify`` reloads the folder and compares every tensor and
-    the logits with the in-memory model. Every reference key is mapped or explicitly dropped
-    (:func:`offseg_hf.conversion.segformer.convert_segformer_offset_state_dict`).
+    and ``preprocessor_config.json``; every reference key is mapped or explicitly dropped
+    (:func:`offseg_hf.conversion.segformer.convert_segformer_offset_state_dict`). Options as :func:`convert_checkpoint`.
     """
-    from offseg_hf.conversion.keymaps import CheckpointMismatchError
-    from offseg_hf.conversion.segformer import convert_segformer_offset_state_dict, segformer_offset_config_from_state_dict
-    from offseg_hf.models.modeling_segformer_offset import SegformerOffsetForSemanticSegmentation
-
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     _check_output_dir(output_dir, overwrite)
     state_dict, meta = _loaded if _loaded is not None else read_checkpoint(checkpoint)
     try:
         num_labels = int(state_dict["decode_head.offset_learning.cls_repr"].shape[-2])
         info = resolve_dataset(num_labels, dataset, meta)
-        config = segformer_offset_config_from_state_dict(
-            state_dict, id2label=info.id2label, label2id=info.label2id
-        )
+        config = segformer_offset_config_from_state_dict(state_dict, id2label=info.id2label, label2id=info.label2id)
         config, converted = convert_segformer_offset_state_dict(state_dict, config)
-    except CheckpointMismatchError as error:
+    except ConversionError as error:
         raise ConversionError(f"{checkpoint}: {error}") from None
     model = SegformerOffsetForSemanticSegmentation(config).eval()
     model.load_state_dict(converted, strict=True)
-    dropped = sorted(k for k in state_dict if k.startswith("decode_head.conv_seg."))
-    return _write_converted_model(
-        model, info, checkpoint, output_dir, preset="segformer-offset", description="SegFormer + offset learning",
-        dropped=dropped, verify=verify, verify_size=verify_size, overwrite=overwrite, push_to_hub=push_to_hub,
-        private=private, token=token,
-    )
-
-
-def _write_converted_model(
-    model, info: DatasetInfo, checkpoint: Path, output_dir: Path, *, preset: str, description: str, dropped: list[str],
-    verify: bool, verify_size: int, overwrite: bool, push_to_hub: str | None, private: bool, token: str | None,
-) -> ConversionResult:
-    """Save a converted model with the dataset's processor atomically, verify, upload: the common end of
-    :func:`convert_segformer_offset_checkpoint` and :func:`convert_segnext_checkpoint`."""
-    processor = build_image_processor(info.name)
     result = ConversionResult(
-        output_dir, preset, info.name, info.num_labels, sum(p.numel() for p in model.parameters()), dropped_keys=dropped
+        output_dir, "segformer-offset", info.name, info.num_labels, _num_parameters(model),
+        dropped_keys=sorted(k for k in state_dict if k.startswith("decode_head.conv_seg.")),
     )
-
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging, safe_serialization=True)
-        processor.save_pretrained(staging)
-        if verify:
-            result.verification = _verify_folder(staging, model.state_dict(), model, verify_size)
-
-    _write_atomically(output_dir, overwrite, write)
-    if push_to_hub:
-        result.hub_url = push_folder_to_hub(
-            output_dir, push_to_hub, private=private, token=token,
-            commit_message=f"Add {description} ({info.name}) converted from {checkpoint.name}",
-        )
-    return result
+    return _finish(
+        result, output_dir, overwrite, _segmentation_files(model, info.name),
+        verify_with=(converted, model, verify_size) if verify else None, push_to_hub=push_to_hub, private=private,
+        token=token, commit_message=f"Add SegFormer + offset learning ({info.name}) converted from {checkpoint.name}",
+    )
 
 
 def convert_segnext_checkpoint(
@@ -636,464 +476,29 @@ def convert_segnext_checkpoint(
 
     The size (T/S/B/L), the classifier (per-pixel or offset learning) and the dataset are read from the
     checkpoint; every key is mapped or explicitly dropped (:func:`offseg_hf.conversion.segnext.convert_segnext_state_dict`).
-    Written atomically with ``config.json`` (the dataset's class names), ``model.safetensors`` and
-    ``preprocessor_config.json``; ``verify`` reloads the folder and compares every tensor and the logits.
+    Options as :func:`convert_checkpoint`.
     """
-    from offseg_hf.conversion.keymaps import CheckpointMismatchError
-    from offseg_hf.conversion.segnext import convert_segnext_state_dict, preset_name, segnext_config_from_state_dict
-    from offseg_hf.models.modeling_segnext import SegNextForSemanticSegmentation
-
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     _check_output_dir(output_dir, overwrite)
     state_dict, meta = _loaded if _loaded is not None else read_checkpoint(checkpoint)
     try:
-        config = segnext_config_from_state_dict(state_dict)
-        info = resolve_dataset(config.num_labels, dataset, meta)
+        info = resolve_dataset(segnext_config_from_state_dict(state_dict).num_labels, dataset, meta)
         config = segnext_config_from_state_dict(state_dict, id2label=info.id2label, label2id=info.label2id)
         config, converted, dropped = convert_segnext_state_dict(state_dict, config)
-    except CheckpointMismatchError as error:
+    except ConversionError as error:
         raise ConversionError(f"{checkpoint}: {error}") from None
     model = SegNextForSemanticSegmentation(config).eval()
     model.load_state_dict(converted, strict=True)
     preset = preset_name(config)
     description = f"SegNeXt-{preset.split('-')[1].upper()}" + (" w/ offset learning" if config.classifier == "offset_learning" else "")
-    return _write_converted_model(
-        model, info, checkpoint, output_dir, preset=preset, description=description, dropped=sorted(dropped),
-        verify=verify, verify_size=verify_size, overwrite=overwrite, push_to_hub=push_to_hub, private=private,
-        token=token,
+    result = ConversionResult(
+        output_dir, preset, info.name, info.num_labels, _num_parameters(model), dropped_keys=sorted(dropped)
     )
-
-
-def convert_mscan_checkpoint(
-    checkpoint: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    overwrite: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    token: str | None = None,
-    _loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
-) -> BackboneConversionResult:
-    """Convert an MSCAN ImageNet checkpoint (``mscan_t/s/b/l``, mmsegmentation's SegNeXt pretraining files) into
-    an :class:`~offseg_hf.models.modeling_segnext.MscanBackbone` folder returning stages 2–4, the start of SegNeXt training.
-
-    The ImageNet classifier (``head.*``) is dropped; every other key is mapped strictly. Written atomically.
-    """
-    from offseg_hf.conversion.keymaps import CheckpointMismatchError
-    from offseg_hf.conversion.segnext import convert_mscan_state_dict, detect_mscan_variant
-    from offseg_hf.models.modeling_segnext import MscanBackbone
-
-    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
-    state_dict, _ = _loaded if _loaded is not None else read_checkpoint(checkpoint)
-    try:
-        variant = detect_mscan_variant({k.removeprefix("backbone."): v for k, v in state_dict.items()})
-        config, converted, dropped = convert_mscan_state_dict(state_dict)
-    except CheckpointMismatchError as error:
-        raise ConversionError(f"{checkpoint}: {error}") from None
-    backbone = MscanBackbone(config).eval()
-    backbone.load_state_dict(converted, strict=True)
-    num_parameters = sum(p.numel() for p in backbone.parameters())
-    result = BackboneConversionResult(
-        output_dir, variant, "mmsegmentation", "none (MSCAN has none)", num_parameters, sorted(dropped), architecture="MSCAN"
+    return _finish(
+        result, output_dir, overwrite, _segmentation_files(model, info.name),
+        verify_with=(converted, model, verify_size) if verify else None, push_to_hub=push_to_hub, private=private,
+        token=token, commit_message=f"Add {description} ({info.name}) converted from {checkpoint.name}",
     )
-    _write_atomically(output_dir, overwrite, lambda staging: backbone.save_pretrained(staging, safe_serialization=True))
-    if push_to_hub:
-        result.hub_url = push_folder_to_hub(
-            output_dir, push_to_hub, private=private, token=token,
-            commit_message=f"Add MSCAN-{variant.upper()} backbone converted from {checkpoint.name}",
-        )
-    return result
-
-
-def convert_any_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **kwargs):
-    """:func:`convert_checkpoint` for OffSeg checkpoints, :func:`convert_segformer_offset_checkpoint` for
-    SegFormer + offset learning checkpoints, :func:`convert_segnext_checkpoint` for SegNeXt (plain or with offset
-    learning), :func:`convert_backbone_checkpoint` for EfficientFormerV2 and :func:`convert_mscan_checkpoint` for
-    MSCAN ImageNet checkpoints (decided from the keys; the file is read once).
-
-    Options that only one of the two takes (``dataset``/``verify``/``verify_size``/``model_id`` for
-    OffSeg, ``attention_biases`` for backbones) raise :class:`ConversionError` for the other kind.
-    """
-    from offseg_hf.conversion.segnext import is_mscan_backbone_state_dict, is_segnext_state_dict
-
-    loaded = read_checkpoint(checkpoint)
-    if is_segnext_state_dict(loaded[0]) or is_mscan_backbone_state_dict(loaded[0]):
-        if kwargs.get("attention_biases") not in (None, "zero") or kwargs.get("model_id"):
-            raise ConversionError(f"{checkpoint} is a SegNeXt/MSCAN checkpoint; attention_biases/model_id do not apply")
-        kwargs.pop("attention_biases", None)
-        kwargs.pop("model_id", None)
-        if is_segnext_state_dict(loaded[0]):
-            return convert_segnext_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
-        misplaced = [k for k in ("dataset", "verify") if kwargs.get(k)]
-        if misplaced:
-            raise ConversionError(f"{checkpoint} is an MSCAN ImageNet backbone; {misplaced} apply to segmentation checkpoints only")
-        for key in ("dataset", "verify", "verify_size"):
-            kwargs.pop(key, None)
-        return convert_mscan_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
-    if is_imagenet_backbone_checkpoint(loaded[0]):
-        misplaced = [k for k in ("dataset", "verify", "model_id") if kwargs.get(k)]
-        if misplaced:
-            raise ConversionError(f"{checkpoint} is an EfficientFormerV2 ImageNet checkpoint; {misplaced} apply to OffSeg checkpoints only")
-        for key in ("dataset", "verify", "verify_size", "model_id"):
-            kwargs.pop(key, None)
-        kwargs["attention_biases"] = kwargs.get("attention_biases") or "zero"
-        return convert_backbone_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
-    from offseg_hf.conversion.segformer import is_segformer_offset_state_dict
-
-    if is_segformer_offset_state_dict(loaded[0]):
-        if kwargs.get("attention_biases") not in (None, "zero") or kwargs.get("model_id"):
-            raise ConversionError(f"{checkpoint} is a SegFormer + offset learning checkpoint; attention_biases/model_id do not apply")
-        kwargs.pop("attention_biases", None)
-        kwargs.pop("model_id", None)
-        return convert_segformer_offset_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
-    if kwargs.get("attention_biases") not in (None, "zero"):
-        raise ConversionError(f"{checkpoint} is not an EfficientFormerV2 ImageNet checkpoint; attention_biases applies to those only")
-    kwargs.pop("attention_biases", None)
-    return convert_checkpoint(checkpoint, output_dir, _loaded=loaded, **kwargs)
-
-
-def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:
-    """Rename the finished ``staging`` folder to ``output_dir`` (replacing it if ``overwrite``)."""
-    if output_dir.exists():
-        if output_dir.is_dir() and not any(output_dir.iterdir()):
-            output_dir.rmdir()
-        elif overwrite:
-            old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(output_dir, old)
-            os.replace(staging, output_dir)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-            return
-        else:
-            raise ConversionError(f"output folder {output_dir} appeared while converting; not overwriting it")
-    os.replace(staging, output_dir)
-
-
-# --------------------------------------------------------------------------------------------------
-# Hub upload
-# --------------------------------------------------------------------------------------------------
-
-
-def push_folder_to_hub(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool = False,
-    token: str | None = None,
-    commit_message: str = "Upload OffSeg model",
-) -> str:
-    """Create (if needed) the model repo ``repo_id`` and upload every file of ``folder`` in one commit.
-
-    The token comes from ``token``, else the usual places (``HF_TOKEN``, ``huggingface-cli login``); the
-    endpoint from ``HF_ENDPOINT``. Returns the URL of the commit.
-    """
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=commit_message)
-    return str(getattr(commit, "commit_url", commit))
-
-
-# --------------------------------------------------------------------------------------------------
-# EfficientFormerV2 ImageNet weights → backbone
-# --------------------------------------------------------------------------------------------------
-
-ATTENTION_BIAS_POLICIES = ("zero", "transfer")
-
-_CLASSIFIER_KEY = re.compile(r"^(norm|head|dist_head|head_dist)\.")
-
-# timm attention sub-module names -> reference (``Sequential`` indices).
-_TIMM_ATTENTION_RULES: list[tuple[str, str]] = [
-    (r"^q\.local\.(weight|bias)$", r"q.local.0.\1"),
-    (r"^q\.proj\.conv\.", "q.proj.0."),
-    (r"^q\.proj\.bn\.", "q.proj.1."),
-    (r"^(q|k|v|v_local|stride_conv)\.conv\.", r"\1.0."),
-    (r"^(q|k|v|v_local|stride_conv)\.bn\.", r"\1.1."),
-    (r"^proj\.conv\.", "proj.1."),
-    (r"^proj\.bn\.", "proj.2."),
-]
-_TIMM_MLP_RULES: list[tuple[str, str]] = [
-    (r"^mlp\.fc1\.conv\.", "mlp.fc1."),
-    (r"^mlp\.fc1\.bn\.", "mlp.norm1."),
-    (r"^mlp\.mid\.conv\.", "mlp.mid."),
-    (r"^mlp\.mid\.bn\.", "mlp.mid_norm."),
-    (r"^mlp\.fc2\.conv\.", "mlp.fc2."),
-    (r"^mlp\.fc2\.bn\.", "mlp.norm2."),
-]
-
-
-def _apply_rules(rules, text: str) -> str:
-    for pattern, replacement in rules:
-        new, count = re.subn(pattern, replacement, text)
-        if count:
-            return new
-    return text
-
-
-def _timm_to_reference_key(key: str, attention_downsample: set[int]) -> str | None:
-    """timm ``efficientformerv2_*`` key → reference (authors') key; ``None`` if not a backbone key."""
-    match = re.match(r"^stem\.conv([12])\.(conv|bn)\.(.+)$", key)
-    if match:
-        index = {("1", "conv"): 0, ("1", "bn"): 1, ("2", "conv"): 3, ("2", "bn"): 4}[match.group(1), match.group(2)]
-        return f"patch_embed.{index}.{match.group(3)}"
-    match = re.match(r"^stages\.(\d+)\.downsample\.(.+)$", key)
-    if match:
-        stage, rest = int(match.group(1)), match.group(2)
-        with_attention = stage in attention_downsample
-        if rest.startswith("conv.conv."):
-            rest = ("conv." if with_attention else "proj.") + rest[len("conv.conv."):]
-        elif rest.startswith("conv.bn."):
-            rest = ("bn." if with_attention else "norm.") + rest[len("conv.bn."):]
-        elif rest.startswith("attn."):
-            rest = "attn." + _apply_rules(_TIMM_ATTENTION_RULES, rest[len("attn."):])
-        return f"network.{2 * stage - 1}.{rest}"
-    match = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
-    if match:
-        stage, block, rest = int(match.group(1)), match.group(2), match.group(3)
-        if rest in ("ls1.gamma", "ls2.gamma"):
-            rest = f"layer_scale_{rest[2]}"
-        elif rest.startswith("mlp."):
-            rest = _apply_rules(_TIMM_MLP_RULES, rest)
-        elif rest.startswith("token_mixer."):
-            rest = "token_mixer." + _apply_rules(_TIMM_ATTENTION_RULES, rest[len("token_mixer."):])
-        return f"network.{2 * stage}.{block}.{rest}"
-    return None
-
-
-def imagenet_to_reference_backbone(
-    state_dict: Mapping[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str], str]:
-    """Rename an EfficientFormerV2 ImageNet state dict to the reference segmentation-backbone layout.
-
-    Accepts the authors' layout (``patch_embed.*``, ``network.*``; their ``.pth`` files hold it under
-    ``model``) and timm's (``stem.*``, ``stages.*``). timm's per-channel layer scales `(C,)` become
-    `(C, 1, 1)`.
-
-    Returns:
-        ``(weights, imagenet_attention_biases, dropped, layout)``: ``weights`` in reference names (what
-        ``offseg_hf.conversion.keymaps.backbone_key`` accepts), without attention biases; the ImageNet
-        relative-position tables ``{reference attention module prefix: (heads, g*g) tensor}``; the keys
-        deliberately not used (classifier ``head``, distillation head, final ``norm``, index buffers);
-        ``layout`` ``"official"`` or ``"timm"``.
-
-    Raises:
-        ConversionError: neither layout, or keys that belong to no backbone part.
-    """
-    keys = [k.removeprefix("module.") for k in state_dict]
-    values = dict(zip(keys, state_dict.values()))
-    if any(k.startswith(("stem.", "stages.")) for k in keys):
-        layout = "timm"
-        attention_downsample = {
-            int(m.group(1)) for k in keys if (m := re.match(r"^stages\.(\d+)\.downsample\.attn\.", k))
-        }
-    elif any(k.startswith(("patch_embed.", "network.")) for k in keys):
-        layout = "official"
-    else:
-        raise ConversionError(
-            "not an EfficientFormerV2 ImageNet state dict: expected the authors' 'patch_embed.*'/'network.*' keys or "
-            f"timm's 'stem.*'/'stages.*' keys, got {keys[:4]}"
-        )
-    weights: dict[str, torch.Tensor] = {}
-    biases: dict[str, torch.Tensor] = {}
-    dropped: list[str] = []
-    unknown: list[str] = []
-    for key, value in values.items():
-        if _CLASSIFIER_KEY.match(key) or key.endswith(("attention_bias_idxs", "attention_bias_idxs_seg")):
-            dropped.append(key)
-            continue
-        reference = key if layout == "official" else _timm_to_reference_key(key, attention_downsample)
-        if reference is None or not reference.startswith(("patch_embed.", "network.")):
-            unknown.append(key)
-            continue
-        if reference.endswith(".attention_biases") or reference.endswith(".attention_biases_seg"):
-            biases[reference.rsplit(".", 1)[0]] = value
-            continue
-        if re.search(r"\.layer_scale_[12]$", reference) and value.ndim == 1:
-            value = value.reshape(-1, 1, 1)
-        weights[reference] = value
-    if unknown:
-        raise ConversionError(f"keys that are not part of an EfficientFormerV2 ({layout} layout): {unknown[:10]}")
-    return weights, biases, sorted(dropped), layout
-
-
-def transfer_attention_biases(table: torch.Tensor, grid: int) -> torch.Tensor:
-    """Carry an ImageNet relative-position table over to a larger token grid.
-
-    A table `(heads, g*g)` holds one bias per absolute offset ``(|Δy|, |Δx|)`` at slot ``|Δy|·g + |Δx|``
-    (reference and timm order). The token spacing in pixels is the same at 224 and 512 inputs (stride 32
-    for the stage-3/4 attention grids, stride 16 for the keys of the downsampling attention), so offset
-    ``d`` means the same distance in both: the learned biases are copied for offsets ``< g`` and the
-    outermost learned value is repeated for the offsets only the larger grid has. (Resizing the table
-    bicubically would instead stretch every distance by ``grid / g``.)
-
-    Args:
-        table: `(heads, g*g)`.
-        grid: the target grid side ``G``.
-
-    Returns:
-        `(heads, G*G)`.
-    """
-    heads, size = table.shape
-    source = round(size**0.5)
-    if source * source != size:
-        raise ConversionError(f"attention bias table of shape {tuple(table.shape)} is not a square grid of offsets")
-    index = torch.clamp(torch.arange(grid), max=source - 1)
-    square = table.reshape(heads, source, source)
-    return square[:, index][:, :, index].reshape(heads, grid * grid).clone()
-
-
-@dataclass
-class BackboneLoadReport:
-    """What :func:`load_imagenet_backbone_weights` did."""
-
-    layout: str
-    attention_biases: str
-    loaded: list[str]
-    dropped: list[str]
-    zeroed: list[str]
-
-
-def _target_backbone(module):
-    """The :class:`EfficientFormerV2Backbone` inside ``module`` (itself, an OffSeg model, …)."""
-    from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2Backbone
-
-    if isinstance(module, EfficientFormerV2Backbone):
-        return module
-    for name in ("backbone", "offseg"):
-        child = getattr(module, name, None)
-        if child is not None:
-            return _target_backbone(child)
-    raise TypeError(f"{type(module).__name__} holds no EfficientFormerV2Backbone")
-
-
-@torch.no_grad()
-def load_imagenet_backbone_weights(
-    module,
-    checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
-    *,
-    attention_biases: str = "zero",
-) -> BackboneLoadReport:
-    """Load EfficientFormerV2 ImageNet weights into a backbone, as OffSeg training starts.
-
-    Args:
-        module: an :class:`EfficientFormerV2Backbone`, or a model holding one
-            (:class:`OffSegForSemanticSegmentation`, :class:`OffSegModel`).
-        checkpoint: the authors' file (``eformer_s0_450.pth`` … ``eformer_l_450.pth``, a dict with
-            ``model``), a timm ``efficientformerv2_*`` state dict or file, or a state dict in either layout.
-        attention_biases: what the segmentation backbone's relative-position tables (laid out for 512
-            inputs: 16×16 grids, 32×32 keys in the downsampling attention) start from:
-
-            * ``"zero"`` (default, the reference): zeros. The authors' segmentation backbone registers
-              separate ``attention_biases_seg`` tables initialised to zero, and mmengine's checkpoint
-              loading skips the ImageNet ``attention_biases`` (different name), so every published OffSeg
-              model started training from zero biases. This reproduces the paper's recipe.
-            * ``"transfer"``: :func:`transfer_attention_biases` (copy per offset, repeat the edge). A table
-              that already has the target size (e.g. a timm model built with ``img_size=512``) is copied as is.
-
-    Every checkpoint key is loaded or on the explicit drop list (classifier ``head``, distillation head,
-    final ``norm``, index buffers; under ``"zero"`` also the ImageNet ``attention_biases``); a missing,
-    unexpected or wrongly shaped key raises :class:`ConversionError` naming it.
-    """
-    from offseg_hf.conversion.keymaps import CheckpointMismatchError, backbone_key
-
-    if attention_biases not in ATTENTION_BIAS_POLICIES:
-        raise ValueError(f"attention_biases must be one of {ATTENTION_BIAS_POLICIES}, got {attention_biases!r}")
-    backbone = _target_backbone(module)
-    source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "state dict"
-    state_dict = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)[0]
-    weights, tables, dropped, layout = imagenet_to_reference_backbone(state_dict)
-
-    ours = backbone.state_dict()
-    target: dict[str, torch.Tensor] = {}
-    problems: list[str] = []
-    for reference, value in weights.items():
-        try:
-            key = backbone_key(reference)
-        except CheckpointMismatchError:
-            problems.append(f"unexpected key {reference!r} (shape {tuple(value.shape)})")
-            continue
-        if key not in ours:
-            problems.append(f"unexpected key {reference!r} (→ {key!r}, shape {tuple(value.shape)})")
-        elif ours[key].shape != value.shape:
-            problems.append(f"wrong shape for {reference!r}: checkpoint {tuple(value.shape)}, backbone {tuple(ours[key].shape)}")
-        else:
-            target[key] = value
-    bias_keys = sorted(k for k in ours if k.endswith("relative_position.attention_biases"))
-    zeroed: list[str] = []
-    used_tables: set[str] = set()
-    for key in bias_keys:
-        if attention_biases == "zero":
-            target[key] = torch.zeros_like(ours[key])
-            zeroed.append(key)
-            continue
-        prefix = next((p for p in tables if backbone_key(p + ".attention_biases_seg") == key), None)
-        if prefix is None:
-            problems.append(f"missing attention bias table for {key!r} (shape {tuple(ours[key].shape)})")
-            continue
-        used_tables.add(prefix)
-        table = tables[prefix]
-        grid = round(ours[key].shape[1] ** 0.5)
-        value = table if table.shape == ours[key].shape else transfer_attention_biases(table, grid)
-        if value.shape != ours[key].shape:
-            problems.append(f"wrong shape for {prefix}.attention_biases: {tuple(table.shape)}, backbone {tuple(ours[key].shape)}")
-        target[key] = value
-    if attention_biases == "zero":
-        dropped = sorted(dropped + [p + ".attention_biases" for p in tables])
-    else:
-        problems.extend(f"unexpected key {p}.attention_biases" for p in sorted(set(tables) - used_tables))
-    problems.extend(f"missing key {key!r} (shape {tuple(ours[key].shape)})" for key in ours if key not in target)
-    if problems:
-        widths = [v.shape[0] for k, v in weights.items() if re.match(r"^(patch_embed\.3|network\.[135]\.(proj|conv))\.weight$", k)]
-        counts = ", ".join(
-            f"{sum(p.startswith(kind) for p in problems)} {label}"
-            for kind, label in (("wrong shape", "wrong shape(s)"), ("missing", "missing"), ("unexpected", "unexpected"))
-        )
-        raise ConversionError(
-            f"{source} ({layout} layout, stage widths {widths}) does not fit this EfficientFormerV2 backbone "
-            f"(hidden_sizes {list(backbone.config.hidden_sizes)}, depths {list(backbone.config.depths)}): {counts}\n  "
-            + "\n  ".join(problems[:20])
-            + (f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else "")
-        )
-    backbone.load_state_dict(target, strict=True)
-    return BackboneLoadReport(layout, attention_biases, sorted(target), dropped, zeroed)
-
-
-@dataclass
-class BackboneConversionResult:
-    """What :func:`convert_backbone_checkpoint` produced."""
-
-    output_dir: Path
-    variant: str
-    layout: str
-    attention_biases: str
-    num_parameters: int
-    dropped_keys: list[str]
-    hub_url: str | None = None
-    architecture: str = "EfficientFormerV2"
-
-
-def detect_backbone_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """The EfficientFormerV2 variant (``"s0"``, ``"s1"``, ``"s2"``, ``"l"``) of an ImageNet state dict,
-    from its stage widths and block counts."""
-    from offseg_hf.models.configuration_offseg import EFFICIENTFORMER_V2_VARIANTS
-
-    weights, _, _, _ = imagenet_to_reference_backbone(state_dict)
-    try:
-        widths = [weights["patch_embed.3.weight"].shape[0]] + [
-            weights[f"network.{i}.{'conv' if f'network.{i}.conv.weight' in weights else 'proj'}.weight"].shape[0]
-            for i in (1, 3, 5)
-        ]
-    except KeyError as error:
-        raise ConversionError(f"not a complete EfficientFormerV2 state dict: {error.args[0]!r} is missing") from None
-    depths = [
-        len({m.group(1) for k in weights if (m := re.match(rf"^network\.{2 * s}\.(\d+)\.mlp\.fc1\.weight$", k))})
-        for s in range(4)
-    ]
-    for variant, spec in EFFICIENTFORMER_V2_VARIANTS.items():
-        if list(spec["hidden_sizes"]) == widths and list(spec["depths"]) == depths:
-            return variant
-    raise ConversionError(f"unknown EfficientFormerV2 variant: stage widths {widths}, blocks per stage {depths}")
 
 
 def convert_backbone_checkpoint(
@@ -1113,14 +518,9 @@ def convert_backbone_checkpoint(
     ``EfficientFormerV2Backbone.from_pretrained`` (and, from the Hub, ``AutoBackbone.from_pretrained``;
     transformers 5.24's ``AutoBackbone`` rejects local paths); its state dict drops into
     ``OffSegForSemanticSegmentation.offseg.backbone``. See :func:`load_imagenet_backbone_weights` for
-    ``attention_biases`` and what is dropped. Written atomically like :func:`convert_checkpoint`.
+    ``attention_biases`` and what is dropped.
     """
-    from offseg_hf.models.configuration_offseg import EfficientFormerV2Config
-    from offseg_hf.conversion.model_cards import render_backbone_card
-    from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2Backbone
-
-    checkpoint = Path(checkpoint)
-    output_dir = Path(output_dir)
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     _check_output_dir(output_dir, overwrite)
     state_dict, _ = _loaded if _loaded is not None else read_checkpoint(checkpoint)
     variant = detect_backbone_variant(state_dict)
@@ -1131,10 +531,8 @@ def convert_backbone_checkpoint(
         report = load_imagenet_backbone_weights(backbone, state_dict, attention_biases=attention_biases)
     except ConversionError as error:
         raise ConversionError(f"{checkpoint}: {error}") from None
-    num_parameters = sum(p.numel() for p in backbone.parameters())
-    result = BackboneConversionResult(
-        output_dir, variant, report.layout, attention_biases, num_parameters, report.dropped
-    )
+    num_parameters = _num_parameters(backbone)
+    result = BackboneConversionResult(output_dir, variant, report.layout, attention_biases, num_parameters, report.dropped)
 
     def write(staging: Path) -> None:
         backbone.save_pretrained(staging, safe_serialization=True)
@@ -1144,10 +542,106 @@ def convert_backbone_checkpoint(
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
 
-    _write_atomically(output_dir, overwrite, write)
-    if push_to_hub:
-        result.hub_url = push_folder_to_hub(
-            output_dir, push_to_hub, private=private, token=token,
-            commit_message=f"Add EfficientFormerV2-{variant.upper()} backbone converted from {checkpoint.name}",
-        )
-    return result
+    return _finish(
+        result, output_dir, overwrite, write, push_to_hub=push_to_hub, private=private, token=token,
+        commit_message=f"Add EfficientFormerV2-{variant.upper()} backbone converted from {checkpoint.name}",
+    )
+
+
+def convert_mscan_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    _loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
+) -> BackboneConversionResult:
+    """Convert an MSCAN ImageNet checkpoint (``mscan_t/s/b/l``, mmsegmentation's SegNeXt pretraining files) into
+    an :class:`~offseg_hf.models.modeling_segnext.MscanBackbone` folder returning stages 2–4, the start of SegNeXt
+    training. The ImageNet classifier (``head.*``) is dropped; every other key is mapped strictly.
+    """
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    state_dict, _ = _loaded if _loaded is not None else read_checkpoint(checkpoint)
+    try:
+        variant = detect_mscan_variant({k.removeprefix("backbone."): v for k, v in state_dict.items()})
+        config, converted, dropped = convert_mscan_state_dict(state_dict)
+    except ConversionError as error:
+        raise ConversionError(f"{checkpoint}: {error}") from None
+    backbone = MscanBackbone(config).eval()
+    backbone.load_state_dict(converted, strict=True)
+    result = BackboneConversionResult(
+        output_dir, variant, "mmsegmentation", "none (MSCAN has none)", _num_parameters(backbone), sorted(dropped),
+        architecture="MSCAN",
+    )
+    return _finish(
+        result, output_dir, overwrite, lambda staging: backbone.save_pretrained(staging, safe_serialization=True),
+        push_to_hub=push_to_hub, private=private, token=token,
+        commit_message=f"Add MSCAN-{variant.upper()} backbone converted from {checkpoint.name}",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Detect and dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointKind:
+    """A kind of checkpoint :func:`convert_any_checkpoint` recognises: how to tell it, how to convert it, and
+    which of the kind-specific options (:data:`_OPTION_DEFAULTS`) its converter takes."""
+
+    name: str
+    detect: Callable[[Mapping[str, torch.Tensor]], bool]
+    convert: Callable
+    options: tuple[str, ...]
+
+
+# First match wins; OffSeg last, whose converter names what a non-OffSeg file looks like.
+CHECKPOINT_KINDS: tuple[CheckpointKind, ...] = (
+    CheckpointKind("SegNeXt", is_segnext_state_dict, convert_segnext_checkpoint, ("dataset", "verify", "verify_size")),
+    CheckpointKind("MSCAN ImageNet backbone", is_mscan_backbone_state_dict, convert_mscan_checkpoint, ()),
+    CheckpointKind("EfficientFormerV2 ImageNet", is_imagenet_backbone_checkpoint, convert_backbone_checkpoint,
+                   ("attention_biases",)),
+    CheckpointKind("SegFormer + offset learning", is_segformer_offset_state_dict, convert_segformer_offset_checkpoint,
+                   ("dataset", "verify", "verify_size")),
+    CheckpointKind("OffSeg", lambda state_dict: True, convert_checkpoint, ("dataset", "verify", "verify_size", "model_id")),
+)
+_OPTION_DEFAULTS = {"dataset": None, "verify": False, "verify_size": 512, "model_id": None, "attention_biases": "zero"}
+
+
+def detect_checkpoint_kind(state_dict: Mapping[str, torch.Tensor]) -> CheckpointKind:
+    """The first of :data:`CHECKPOINT_KINDS` whose detector accepts ``state_dict``."""
+    return next(kind for kind in CHECKPOINT_KINDS if kind.detect(state_dict))
+
+
+def convert_any_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    **options,
+):
+    """Convert whatever ``checkpoint`` holds (:func:`detect_checkpoint_kind`; the file is read once).
+
+    ``options`` are the kind-specific ones (``dataset``, ``verify``, ``verify_size``, ``model_id``,
+    ``attention_biases``); one set to a non-default value for a kind whose converter does not take it raises
+    :class:`ConversionError` naming the kinds it applies to.
+    """
+    unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"convert_any_checkpoint() got unexpected options {unknown}; known: {sorted(_OPTION_DEFAULTS)}")
+    loaded = read_checkpoint(checkpoint)
+    kind = detect_checkpoint_kind(loaded[0])
+    misplaced = sorted(k for k, v in options.items() if k not in kind.options and v not in (None, _OPTION_DEFAULTS[k]))
+    if misplaced:
+        takers = ", ".join(other.name for other in CHECKPOINT_KINDS if set(misplaced) <= set(other.options))
+        raise ConversionError(f"{checkpoint} is a(n) {kind.name} checkpoint; {misplaced} apply to {takers} checkpoints only")
+    accepted = {k: v for k, v in options.items() if k in kind.options}
+    return kind.convert(checkpoint, output_dir, overwrite=overwrite, push_to_hub=push_to_hub, private=private,
+                        token=token, _loaded=loaded, **accepted)

@@ -11,8 +11,8 @@ Every reference key is either renamed (``official_to_hf_key``) or on an explicit
   constant buffers that our modules derive from their configuration. They are checked against what we
   derive, so a checkpoint built differently is rejected instead of silently mis-loaded.
 
-:func:`convert_official_state_dict` raises :class:`CheckpointMismatchError` naming every missing,
-unexpected or wrongly shaped key.
+:func:`convert_official_state_dict` raises :class:`~offseg_hf.conversion.accounting.ConversionError` naming every
+missing, unexpected or wrongly shaped key (:func:`~offseg_hf.conversion.accounting.account_for_keys`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from collections.abc import Mapping
 
 import torch
 
-from offseg_hf.models.configuration_offseg import OFFSEG_PRESETS, OffSegConfig
+from offseg_hf.conversion.accounting import ConversionError, account_for_keys, rename
+from offseg_hf.models.configuration_offseg import EFFICIENTFORMER_V2_VARIANTS, OFFSEG_PRESETS, OffSegConfig
 from offseg_hf.models.modeling_efficientformer_v2 import relative_position_index
+from offseg_hf.models.modeling_offseg import OffSegSimilaritySampler
 
 # Reference head prefix -> ours (inside OffSegForSemanticSegmentation).
 _HEAD_RULES: list[tuple[str, str]] = [
@@ -69,23 +71,16 @@ DERIVED_KEY_PATTERNS = (
 )
 
 
-class CheckpointMismatchError(KeyError):
-    """The checkpoint does not match the model: the message lists the offending keys."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
-
-
 def backbone_key(key: str) -> str:
     """Reference backbone key (without ``backbone.``) → ours inside :class:`EfficientFormerV2Backbone`."""
     match = re.match(r"^patch_embed\.(\d+)\.(.+)$", key)
     if match:
         if match.group(1) not in _STEM:
-            raise CheckpointMismatchError(f"unknown stem key {key!r}")
+            raise ConversionError(f"unknown stem key {key!r}")
         return f"embeddings.{_STEM[match.group(1)]}.{match.group(2)}"
     match = re.match(r"^network\.(\d+)\.(.+)$", key)
     if not match:
-        raise CheckpointMismatchError(f"unknown backbone key {key!r}")
+        raise ConversionError(f"unknown backbone key {key!r}")
     index, rest = int(match.group(1)), match.group(2)
     if index % 2 == 0:  # blocks of stage index // 2
         block = re.match(r"^(\d+)\.(.+)$", rest)
@@ -108,11 +103,10 @@ def official_to_hf_key(key: str) -> str:
     """Reference OffSeg key → key of :class:`OffSegForSemanticSegmentation`."""
     if key.startswith("backbone."):
         return "offseg.backbone." + backbone_key(key[len("backbone."):])
-    for pattern, replacement in _HEAD_RULES:
-        new, count = re.subn(pattern, replacement, key)
-        if count:
-            return new
-    raise CheckpointMismatchError(f"unknown key {key!r}")
+    new = rename(_HEAD_RULES, key)
+    if new is None:
+        raise ConversionError(f"unknown key {key!r}")
+    return new
 
 
 def _is(patterns, key: str) -> bool:
@@ -139,8 +133,6 @@ def _check_derived(key: str, value: torch.Tensor, resample_groups: int) -> str |
             return f"{key}: only hamming_window=False (buffer [1.0]) is supported, got shape {tuple(value.shape)}"
         return None
     if key.endswith("init_pos"):
-        from offseg_hf.models.modeling_offseg import OffSegSimilaritySampler
-
         expected = OffSegSimilaritySampler(8, resample_groups, 3).initial_positions("cpu", torch.float32)
         if value.shape != expected.shape or not torch.equal(value.float(), expected):
             return f"{key}: initial sampling positions differ from the standard 2× layout"
@@ -171,10 +163,12 @@ def convert_official_state_dict(
         Our state dict (class embeddings reshaped from `(1, K, C)` to `(K, C)`).
 
     Raises:
-        CheckpointMismatchError: listing unknown, missing and wrongly shaped keys, and derived buffers that
-            disagree with ours.
+        ConversionError: listing unknown, missing and wrongly shaped keys, and derived buffers that disagree
+            with ours.
     """
     converted: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    unknown: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for key, value in state_dict.items():
         if is_dropped(key, config.classifier) and not _is(DERIVED_KEY_PATTERNS, key):
@@ -186,25 +180,15 @@ def convert_official_state_dict(
             continue
         try:
             new_key = official_to_hf_key(key)
-        except CheckpointMismatchError:
-            problems.append(f"unexpected key {key!r} (shape {tuple(value.shape)})")
+        except ConversionError:
+            unknown[key] = value
             continue
         if new_key == "offset_learning.class_embeddings" and value.ndim == 3:
             value = value.reshape(value.shape[-2:])
-        converted[new_key] = value
-    if expected_shapes is not None:
-        for key, shape in expected_shapes.items():
-            if key not in converted:
-                problems.append(f"missing key {key!r} (expected shape {tuple(shape)})")
-            elif tuple(converted[key].shape) != tuple(shape):
-                problems.append(
-                    f"wrong shape for {key!r}: checkpoint {tuple(converted[key].shape)}, model {tuple(shape)}"
-                )
-        problems.extend(f"unexpected key {key!r}" for key in converted if key not in expected_shapes)
-    if problems:
-        raise CheckpointMismatchError(
-            f"the checkpoint does not match OffSeg ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
-        )
+        converted[new_key], sources[new_key] = value, key
+    if expected_shapes is None:  # only the checkpoint's own consistency
+        expected_shapes = {key: value.shape for key, value in converted.items()}
+    account_for_keys(converted, expected_shapes, sources=sources, unknown=unknown, problems=problems, what="OffSeg")
     return converted
 
 
@@ -213,14 +197,12 @@ def detect_preset(state_dict: Mapping[str, torch.Tensor]) -> str:
 
     Decided from the backbone widths (stem output and last stage) and the decoder stage channels.
     """
-    from offseg_hf.models.configuration_offseg import EFFICIENTFORMER_V2_VARIANTS
-
     try:
         stem = state_dict["backbone.patch_embed.3.weight"].shape[0]
         last = state_dict["backbone.network.6.0.mlp.fc1.weight"].shape[1]
         decoder = [state_dict[f"decode_head.pre.{i}.conv.weight"].shape[0] for i in range(4)]
     except KeyError as error:
-        raise CheckpointMismatchError(
+        raise ConversionError(
             f"not an OffSeg checkpoint: key {error.args[0]!r} is missing "
             "(expected EfficientFormerV2 'backbone.*' and OffSeg 'decode_head.pre.*' keys)"
         ) from None
@@ -228,7 +210,7 @@ def detect_preset(state_dict: Mapping[str, torch.Tensor]) -> str:
         widths = EFFICIENTFORMER_V2_VARIANTS[spec["backbone_variant"]]["hidden_sizes"]
         if (stem, last) == (widths[0], widths[-1]) and decoder == spec["decoder_stage_channels"]:
             return preset
-    raise CheckpointMismatchError(
+    raise ConversionError(
         f"unrecognised OffSeg variant: stem width {stem}, last stage width {last}, decoder channels {decoder}"
     )
 
@@ -239,13 +221,12 @@ def num_labels_of(state_dict: Mapping[str, torch.Tensor]) -> int:
     for key in ("decode_head.offset_learning.cls_repr", "decode_head.conv_seg.weight"):
         if key in state_dict:
             return int(state_dict[key].shape[-2] if key.endswith("cls_repr") else state_dict[key].shape[0])
-    raise CheckpointMismatchError(
+    raise ConversionError(
         "not an OffSeg checkpoint: neither 'decode_head.offset_learning.cls_repr' nor 'decode_head.conv_seg.weight' is present"
     )
 
 
 __all__ = [
-    "CheckpointMismatchError",
     "DERIVED_KEY_PATTERNS",
     "DROPPED_KEY_PATTERNS",
     "backbone_key",

@@ -12,7 +12,7 @@ SegFormer head with offset learning (``decode_head.*``). Every key is accounted 
   never uses.
 
 Anything else (unknown keys, missing keys, shape mismatches) raises
-:class:`~offseg_hf.conversion.keymaps.CheckpointMismatchError` naming every culprit.
+:class:`~offseg_hf.conversion.accounting.ConversionError` naming every culprit.
 
 The converted model uses ``decode_head_style="reference"`` (per-level conv + BatchNorm + ReLU, fine-to-coarse
 concatenation) and ``encoder_layer_norm_eps=1e-6`` (the MiT value), which reproduce the reference logits.
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import torch
 
-from offseg_hf.conversion.keymaps import CheckpointMismatchError
+from offseg_hf.conversion.accounting import ConversionError, account_for_keys, expected_shapes, rename
 from offseg_hf.models.modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
 
 # MiT attention heads per stage: the same for every published size (B0–B5); not recoverable from the weights.
@@ -71,11 +71,10 @@ def segformer_offset_key(key: str) -> str:
     prefix = ""
     if key.startswith("backbone."):
         key, rules, prefix = key[len("backbone."):], _BACKBONE_RULES, "segformer."
-    for pattern, replacement in rules:
-        new, count = re.subn(pattern, replacement, key)
-        if count:
-            return prefix + new
-    raise CheckpointMismatchError(f"unknown key {key!r}")
+    new = rename(rules, key)
+    if new is None:
+        raise ConversionError(f"unknown key {key!r}")
+    return prefix + new
 
 
 def is_segformer_offset_state_dict(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -104,7 +103,7 @@ def segformer_offset_config_from_state_dict(
     """
     state_dict = _unwrap(state_dict)
     if not is_segformer_offset_state_dict(state_dict):
-        raise CheckpointMismatchError(
+        raise ConversionError(
             "not a SegFormer + offset learning checkpoint: expected 'backbone.layers.0.0.projection.weight', "
             "'decode_head.fusion_conv.conv.weight' and 'decode_head.offset_learning.cls_repr'"
         )
@@ -146,7 +145,7 @@ def _split_packed_attention(key: str, value: torch.Tensor) -> dict[str, torch.Te
     match = _PACKED_ATTENTION.match(key[len("backbone."):])
     stage, block, kind = match.groups()
     if value.shape[0] % 3:
-        raise CheckpointMismatchError(f"{key}: packed q/k/v of shape {tuple(value.shape)} is not divisible by 3")
+        raise ConversionError(f"{key}: packed q/k/v of shape {tuple(value.shape)} is not divisible by 3")
     query, key_, value_ = value.chunk(3, dim=0)
     base = f"segformer.stages.{stage}.blocks.{block}.attention"
     return {f"{base}.q_proj.{kind}": query, f"{base}.k_proj.{kind}": key_, f"{base}.v_proj.{kind}": value_}
@@ -168,43 +167,34 @@ def convert_segformer_offset_state_dict(
         loads strictly.
 
     Raises:
-        CheckpointMismatchError: listing every unknown, missing or wrongly shaped key.
+        ConversionError: listing every unknown, missing or wrongly shaped key.
     """
     state_dict = _unwrap(state_dict)
     if config is None:
         config = segformer_offset_config_from_state_dict(state_dict)
     converted: dict[str, torch.Tensor] = {}
-    problems: list[str] = []
+    sources: dict[str, str] = {}
+    unknown: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if any(re.search(pattern, key) for pattern in DROPPED_KEY_PATTERNS):
             continue
         if key.startswith("backbone.") and _PACKED_ATTENTION.match(key[len("backbone."):]):
-            converted.update(_split_packed_attention(key, value))
+            split = _split_packed_attention(key, value)
+            converted.update(split)
+            sources.update(dict.fromkeys(split, key))
             continue
         try:
             new_key = segformer_offset_key(key)
-        except CheckpointMismatchError:
-            problems.append(f"unexpected key {key!r} (shape {tuple(value.shape)})")
+        except ConversionError:
+            unknown[key] = value
             continue
         if _SQUEEZE.search(new_key) and value.ndim == 4:
             value = value.reshape(value.shape[:2])
         if new_key.endswith("offset_learning.class_embeddings") and value.ndim == 3:
             value = value.reshape(value.shape[-2:])
-        converted[new_key] = value
-
-    with torch.device("meta"):
-        expected = {key: tuple(value.shape) for key, value in SegformerOffsetForSemanticSegmentation(config).state_dict().items()}
-    for key, shape in expected.items():
-        if key not in converted:
-            problems.append(f"missing key {key!r} (expected shape {shape})")
-        elif tuple(converted[key].shape) != shape:
-            problems.append(f"wrong shape for {key!r}: checkpoint {tuple(converted[key].shape)}, model {shape}")
-    problems.extend(f"unexpected key {key!r} (no such parameter in the model)" for key in converted if key not in expected)
-    if problems:
-        raise CheckpointMismatchError(
-            f"the checkpoint does not match SegFormer + offset learning ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(problems)
-        )
+        converted[new_key], sources[new_key] = value, key
+    account_for_keys(converted, expected_shapes(SegformerOffsetForSemanticSegmentation, config), sources=sources,
+                     unknown=unknown, what="SegFormer + offset learning")
     return config, converted
 
 

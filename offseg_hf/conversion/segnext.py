@@ -11,7 +11,7 @@ Three kinds of files share the MSCAN key layout (``patch_embed{i}``, ``block{i}.
 
 Every key is renamed (:func:`segnext_key`, :func:`mscan_key`), reshaped (``offset_learning.cls_repr`` `(1, K, C)` →
 ``class_embeddings`` `(K, C)`) or explicitly dropped; anything else (unknown, missing, wrongly shaped keys)
-raises :class:`~offseg_hf.conversion.keymaps.CheckpointMismatchError` naming every culprit.
+raises :class:`~offseg_hf.conversion.accounting.ConversionError` naming every culprit.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from collections.abc import Mapping
 
 import torch
 
+from offseg_hf.conversion.accounting import ConversionError, account_for_keys, expected_shapes, rename
 from offseg_hf.models.configuration_segnext import MSCAN_VARIANTS, SEGNEXT_PRESETS, MscanConfig, SegNextConfig
-from offseg_hf.conversion.keymaps import CheckpointMismatchError
+from offseg_hf.models.modeling_segnext import MscanBackbone, SegNextForSemanticSegmentation
 
 _BACKBONE_RULES: list[tuple[str, str]] = [
     (r"^patch_embed1\.proj\.0\.", "embeddings.conv1."),
@@ -60,35 +61,27 @@ _HEAD_RULES: list[tuple[str, str]] = [
 IMAGENET_HEAD_PATTERN = r"^head\."
 
 
-def _apply(rules, key: str) -> str | None:
-    for pattern, replacement in rules:
-        new, count = re.subn(pattern, replacement, key)
-        if count:
-            return new
-    return None
-
-
 def mscan_key(key: str) -> str:
     """Reference MSCAN key (without ``backbone.``) → key inside :class:`MscanBackbone`."""
     block = _BLOCK.match(key)
     if block:
-        rest = _apply(_BLOCK_RULES, block.group(3))
+        rest = rename(_BLOCK_RULES, block.group(3))
         if rest is not None:
             return f"stages.{int(block.group(1)) - 1}.blocks.{block.group(2)}.{rest}"
     else:
-        new = _apply(_BACKBONE_RULES, key)
+        new = rename(_BACKBONE_RULES, key)
         if new is not None:
             return new
-    raise CheckpointMismatchError(f"unknown MSCAN key {key!r}")
+    raise ConversionError(f"unknown MSCAN key {key!r}")
 
 
 def segnext_key(key: str) -> str:
     """Reference SegNeXt key → key of :class:`SegNextForSemanticSegmentation` (``conv_seg`` → ``classifier``)."""
     if key.startswith("backbone."):
         return "backbone." + mscan_key(key[len("backbone."):])
-    new = _apply(_HEAD_RULES, key)
+    new = rename(_HEAD_RULES, key)
     if new is None:
-        raise CheckpointMismatchError(f"unknown key {key!r}")
+        raise ConversionError(f"unknown key {key!r}")
     return new
 
 
@@ -113,7 +106,7 @@ def detect_mscan_variant(state_dict: Mapping[str, torch.Tensor], prefix: str = "
     try:
         widths = [int(state_dict[f"{prefix}norm{i}.weight"].shape[0]) for i in range(1, 5)]
     except KeyError as error:
-        raise CheckpointMismatchError(f"not a complete MSCAN state dict: {error.args[0]!r} is missing") from None
+        raise ConversionError(f"not a complete MSCAN state dict: {error.args[0]!r} is missing") from None
     depths = [
         len({m.group(1) for k in state_dict if (m := re.match(rf"^{re.escape(prefix)}block{i}\.(\d+)\.", k))})
         for i in range(1, 5)
@@ -121,7 +114,7 @@ def detect_mscan_variant(state_dict: Mapping[str, torch.Tensor], prefix: str = "
     for variant, spec in MSCAN_VARIANTS.items():
         if spec["hidden_sizes"] == widths and spec["depths"] == depths:
             return variant
-    raise CheckpointMismatchError(f"unknown MSCAN variant: stage widths {widths}, blocks per stage {depths}")
+    raise ConversionError(f"unknown MSCAN variant: stage widths {widths}, blocks per stage {depths}")
 
 
 def segnext_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], **kwargs) -> SegNextConfig:
@@ -129,13 +122,13 @@ def segnext_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], **kwa
     state_dict = _unwrap(state_dict)
     if not is_segnext_state_dict(state_dict):
         example = ", ".join(repr(k) for k in list(state_dict)[:3])
-        raise CheckpointMismatchError(f"not a SegNeXt checkpoint (no MSCAN backbone + Hamburger head; first keys: {example})")
+        raise ConversionError(f"not a SegNeXt checkpoint (no MSCAN backbone + Hamburger head; first keys: {example})")
     variant = detect_mscan_variant(state_dict, prefix="backbone.")
     try:
         channels = int(state_dict["decode_head.squeeze.conv.weight"].shape[0])
         width = int(state_dict["decode_head.align.conv.weight"].shape[0])
     except KeyError as error:
-        raise CheckpointMismatchError(f"SegNeXt checkpoint without {error.args[0]!r}") from None
+        raise ConversionError(f"SegNeXt checkpoint without {error.args[0]!r}") from None
     if "decode_head.offset_learning.cls_repr" in state_dict:
         classifier = "offset_learning"
         num_labels = int(state_dict["decode_head.offset_learning.cls_repr"].shape[-2])
@@ -143,7 +136,7 @@ def segnext_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], **kwa
         classifier = "per_pixel"
         num_labels = int(state_dict["decode_head.conv_seg.weight"].shape[0])
     else:
-        raise CheckpointMismatchError(
+        raise ConversionError(
             "SegNeXt checkpoint without a classifier: neither decode_head.offset_learning.cls_repr nor decode_head.conv_seg.weight"
         )
     preset = next(
@@ -163,28 +156,6 @@ def preset_name(config: SegNextConfig) -> str:
     return "segnext-custom"
 
 
-def _check_against(
-    converted: dict[str, torch.Tensor], sources: Mapping[str, str], expected: Mapping[str, tuple], problems: list[str], what: str
-):
-    """Every model key provided with its shape, nothing else; problems name the checkpoint key and ours."""
-    for key, shape in expected.items():
-        if key not in converted:
-            problems.append(f"missing key {key!r} (expected shape {shape}): the checkpoint has no tensor for it")
-        elif tuple(converted[key].shape) != shape:
-            problems.append(
-                f"wrong shape for {sources[key]!r} ({key!r}): checkpoint {tuple(converted[key].shape)}, model {shape}"
-            )
-    problems.extend(
-        f"unexpected key {sources[key]!r} (shape {tuple(converted[key].shape)}): maps to {key!r}, which the model lacks"
-        for key in converted
-        if key not in expected
-    )
-    if problems:
-        raise CheckpointMismatchError(
-            f"the checkpoint does not match {what} ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
-        )
-
-
 def convert_segnext_state_dict(
     state_dict: Mapping[str, torch.Tensor], config: SegNextConfig | None = None
 ) -> tuple[SegNextConfig, dict[str, torch.Tensor], list[str]]:
@@ -196,34 +167,30 @@ def convert_segnext_state_dict(
         offset-learning head).
 
     Raises:
-        CheckpointMismatchError: listing every unknown, missing or wrongly shaped key, by its reference name and ours.
+        ConversionError: listing every unknown, missing or wrongly shaped key, by its reference name and ours.
     """
-    from offseg_hf.models.modeling_segnext import SegNextForSemanticSegmentation
-
     state_dict = _unwrap(state_dict)
     if config is None:
         config = segnext_config_from_state_dict(state_dict)
     converted: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
     dropped: list[str] = []
-    problems: list[str] = []
+    unknown: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if config.classifier == "offset_learning" and key.startswith("decode_head.conv_seg."):
             dropped.append(key)
             continue
         try:
             new_key = segnext_key(key)
-        except CheckpointMismatchError:
-            problems.append(f"unexpected key {key!r} (shape {tuple(value.shape)}): no SegNeXt parameter has this name")
+        except ConversionError:
+            unknown[key] = value
             continue
         if new_key.endswith("offset_learning.class_embeddings") and value.ndim == 3:
             value = value.reshape(value.shape[-2:])
         converted[new_key] = value
         sources[new_key] = key
-    with torch.device("meta"):
-        model = SegNextForSemanticSegmentation(config)
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    _check_against(converted, sources, expected, problems, f"{preset_name(config)} ({config.num_labels} classes)")
+    account_for_keys(converted, expected_shapes(SegNextForSemanticSegmentation, config), sources=sources,
+                     unknown=unknown, what=f"{preset_name(config)} ({config.num_labels} classes)")
     return config, converted, dropped
 
 
@@ -235,15 +202,13 @@ def convert_mscan_state_dict(
     Returns ``(config, converted, dropped)`` for :class:`MscanBackbone`; ``config`` returns stages 2–4 (what the
     SegNeXt head reads); ``dropped`` lists the ImageNet classifier keys (``head.*``).
     """
-    from offseg_hf.models.modeling_segnext import MscanBackbone
-
     state_dict = {k.removeprefix("backbone."): v for k, v in _unwrap(state_dict).items()}
     if config is None:
         config = MscanConfig.from_variant(detect_mscan_variant(state_dict), out_features=["stage2", "stage3", "stage4"])
     converted: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
     dropped: list[str] = []
-    problems: list[str] = []
+    unknown: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if re.search(IMAGENET_HEAD_PATTERN, key):
             dropped.append(key)
@@ -251,11 +216,10 @@ def convert_mscan_state_dict(
         try:
             new_key = mscan_key(key)
             converted[new_key], sources[new_key] = value, key
-        except CheckpointMismatchError:
-            problems.append(f"unexpected key {key!r} (shape {tuple(value.shape)}): no MSCAN parameter has this name")
-    with torch.device("meta"):
-        expected = {key: tuple(value.shape) for key, value in MscanBackbone(config).state_dict().items()}
-    _check_against(converted, sources, expected, problems, f"MSCAN ({config.hidden_sizes}, depths {config.depths})")
+        except ConversionError:
+            unknown[key] = value
+    account_for_keys(converted, expected_shapes(MscanBackbone, config), sources=sources, unknown=unknown,
+                     what=f"MSCAN ({config.hidden_sizes}, depths {config.depths})")
     return config, converted, dropped
 
 
