@@ -1,17 +1,24 @@
 """Model cards (Hub ``README.md``) of converted OffSeg models, rendered from ``templates/TEMPLATE.md`` (package data).
 
-The template has ``{{name}}`` placeholders; :func:`render_model_card` fills them from the tables below and
-refuses to leave any unfilled. The paper's numbers are kept here, each labelled as reported by the paper;
+The templates are Jinja templates rendered by ``huggingface_hub.ModelCard.from_template``: the Hub metadata is a
+``ModelCardData`` (with the paper's result as an ``EvalResult``), the text placeholders are filled from the tables
+below, and a placeholder left without a value is an error. The paper's numbers are kept here, each labelled as reported by the paper;
 where the paper's value is not recorded here the card says "see the paper" instead of a number.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+import jinja2
+import jinja2.meta
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
 from offseg_hf.data.tables import get_dataset_info
+from offseg_hf.models.configuration_offseg import OffSegConfig
+from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
 
 __all__ = [
     "CARD_DATASETS",
@@ -141,57 +148,29 @@ def _results_table(preset: str, dataset: str) -> str:
     return "\n".join(rows)
 
 
-def _front_matter(preset: str, dataset: str, model_id: str) -> str:
+def _card_data(preset: str, dataset: str, model_id: str) -> ModelCardData:
     spec = _DATASETS[dataset]
-    lines = [
-        "license: other",
-        "license_name: offseg-non-commercial",
-        "license_link: https://github.com/HVision-NKU/OffSeg",
-        "library_name: transformers",
-        "pipeline_tag: image-segmentation",
-        "tags:",
-        "- vision",
-        "- image-segmentation",
-        "- semantic-segmentation",
-        "- offseg",
-        "- efficientformerv2",
-        f"- {spec['slug']}",
-        "datasets:",
-        f"- {spec['hub']}",
-        "metrics:",
-        "- mean_iou",
-    ]
     reported = PAPER_RESULTS.get((preset, dataset))
+    results = None
     if reported:
-        lines += [
-            "model-index:",
-            f"- name: {model_id}",
-            "  results:",
-            "  - task:",
-            "      type: image-segmentation",
-            "      name: Semantic Segmentation",
-            "    dataset:",
-            f"      type: {spec['hub']}",
-            f"      name: {spec['title']}",
-            "      split: validation",
-            "    metrics:",
-            "    - type: mean_iou",
-            f"      value: {reported['miou']}",
-            "      name: mIoU (single scale, reported by the paper)",
-            "    source:",
-            "      name: OffSeg paper (ICCV 2025)",
-            f"      url: {_PAPER_URL}",
+        results = [
+            EvalResult(
+                task_type="image-segmentation", task_name="Semantic Segmentation", dataset_type=spec["hub"],
+                dataset_name=spec["title"], dataset_split="validation", metric_type="mean_iou",
+                metric_value=reported["miou"], metric_name="mIoU (single scale, reported by the paper)",
+                source_name="OffSeg paper (ICCV 2025)", source_url=_PAPER_URL,
+            )
         ]
-    return "\n".join(lines)
+    return ModelCardData(
+        license="other", license_name="offseg-non-commercial", license_link="https://github.com/HVision-NKU/OffSeg",
+        library_name="transformers", pipeline_tag="image-segmentation",
+        tags=["vision", "image-segmentation", "semantic-segmentation", "offseg", "efficientformerv2", spec["slug"]],
+        datasets=[spec["hub"]], metrics=["mean_iou"], model_name=model_id if results else None, eval_results=results,
+    )
 
 
 def _count_parameters(preset: str, num_labels: int) -> int:
     """Exact parameter count of ``preset`` with ``num_labels`` classes (built on the meta device)."""
-    import torch
-
-    from offseg_hf.models.configuration_offseg import OffSegConfig
-    from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
-
     with torch.device("meta"):
         model = OffSegForSemanticSegmentation(OffSegConfig.from_preset(preset, num_labels=num_labels))
     return sum(p.numel() for p in model.parameters())
@@ -242,7 +221,6 @@ def render_model_card(
             "and constant buffers the model derives).\n"
         )
     values = {
-        "front_matter": _front_matter(preset, info.name, model_id),
         "title": f"{variant_name} — {spec['title']}",
         "variant_name": variant_name,
         "dataset_title": spec["title"],
@@ -261,15 +239,17 @@ def render_model_card(
         "dataset_limitations": spec["limitations"],
         "provenance": provenance,
     }
-    return _fill(path, values)
+    return _render(path, _card_data(preset, info.name, model_id), values)
 
 
-def _fill(path: Path, values: dict[str, str]) -> str:
+def _render(path: Path, card_data: ModelCardData, values: dict[str, str]) -> str:
+    """``ModelCard.from_template`` of ``path``, after checking that every placeholder has a value."""
     text = path.read_text(encoding="utf-8")
-    missing = sorted(set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values))
+    placeholders = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(text))
+    missing = sorted(placeholders - set(values) - {"card_data"})
     if missing:
         raise ValueError(f"template {path} uses placeholders with no value: {missing}")
-    return re.sub(r"\{\{(\w+)\}\}", lambda match: values[match.group(1)], text)
+    return str(ModelCard.from_template(card_data, template_str=text, **values)) + "\n"
 
 
 _BACKBONE_PRESETS = {"s1": "offseg-t", "s2": "offseg-b", "l": "offseg-l"}  # S0 backs no OffSeg model
@@ -302,8 +282,14 @@ def render_backbone_card(
             f'model = OffSegForSemanticSegmentation(OffSegConfig.from_preset("{preset}", num_labels=150))\n'
             "model.offseg.backbone.load_state_dict(backbone.state_dict())\n"
         )
-    return _fill(
+    card_data = ModelCardData(
+        license="other", license_name="efficientformer-v2-weights",
+        license_link="https://github.com/snap-research/EfficientFormer", library_name="transformers",
+        tags=["vision", "backbone", "efficientformerv2", "offseg"], datasets=["imagenet-1k"],
+    )
+    return _render(
         path,
+        card_data,
         {
             "variant_upper": variant.upper(),
             "parameters": f"{num_parameters:,} ({num_parameters / 1e6:.2f} M)",
