@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from offseg_hf.conversion.convert import ConversionError, convert_checkpoint, push_folder_to_hub, read_checkpoint, resolve_dataset
-from offseg_hf.data.tables import get_dataset_info
+from offseg_hf.data.registry import get_dataset_info
 
 from hub_stand_in import LocalHub
 

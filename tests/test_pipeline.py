@@ -66,7 +66,7 @@ def _label_map(annotations, label2id: dict[str, int], image: Image.Image) -> np.
 def ade20k_folder(fixtures_dir, tmp_path_factory) -> Path:
     """The golden OffSeg-T weights in the official checkpoint layout, converted like ``offseg convert`` does."""
     from offseg_hf.conversion.convert import convert_checkpoint
-    from offseg_hf.data.tables import get_dataset_info
+    from offseg_hf.data.registry import get_dataset_info
 
     root = tmp_path_factory.mktemp("golden")
     checkpoint = root / "offseg-t_ade20k.pth"

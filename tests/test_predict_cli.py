@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
 from offseg_hf.cli import main
-from offseg_hf.data.tables import get_dataset_info, palette_array
+from offseg_hf.data.registry import get_dataset_info, palette_array
 from offseg_hf.inference.image_io import load_image, to_rgb
 from offseg_hf.inference.image_processing_offseg import build_image_processor
 from offseg_hf.inference.visualize import deterministic_palette, overlay_layout

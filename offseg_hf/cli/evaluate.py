@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = args.dataset.lower()
     ignore_index = IGNORE_INDEX
     if dataset != "synthetic":  # the dataset first: a missing folder is reported before the model loads
-        from offseg_hf.data.tables import get_dataset_info
+        from offseg_hf.data.registry import get_dataset_info
 
         info = get_dataset_info(dataset)
         dataset, ignore_index = info.name, info.ignore_index

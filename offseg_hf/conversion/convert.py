@@ -62,7 +62,8 @@ from offseg_hf.conversion.segnext import (
     preset_name,
     segnext_config_from_state_dict,
 )
-from offseg_hf.data.tables import DATASET_NAMES, DatasetInfo, dataset_for_num_labels, get_dataset_info
+from offseg_hf.data.registry import DATASET_NAMES, get_dataset_info, identify_dataset
+from offseg_hf.data.tables import DatasetInfo
 from offseg_hf.inference.image_processing_offseg import build_image_processor
 from offseg_hf.models.configuration_offseg import EfficientFormerV2Config, OffSegConfig
 from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2Backbone
@@ -166,7 +167,8 @@ def resolve_dataset(num_labels: int, dataset: str | None = None, meta: Mapping |
     """The benchmark a checkpoint with ``num_labels`` classes was trained on.
 
     ``dataset`` (a name or alias) wins and must agree with ``num_labels``; otherwise the class names in
-    ``meta["dataset_meta"]["classes"]`` (mmengine checkpoints store them) or the class count decide.
+    ``meta["dataset_meta"]["classes"]`` (mmengine checkpoints store them) or the class count decide
+    (:func:`offseg_hf.data.registry.identify_dataset`).
 
     Raises:
         ConversionError: ``dataset`` disagrees with ``num_labels``, or no benchmark has ``num_labels`` classes.
@@ -184,13 +186,17 @@ def resolve_dataset(num_labels: int, dataset: str | None = None, meta: Mapping |
         return info
     classes = ((meta or {}).get("dataset_meta") or {}).get("classes")
     names = tuple(str(name).strip() for name in classes) if classes else None
-    if names:
-        for name in DATASET_NAMES:
-            info = get_dataset_info(name)
-            if info.class_names == names:
-                return info
-    info = dataset_for_num_labels(num_labels)
-    if info is not None and names:
+    found, by_names = identify_dataset(names, num_labels)
+    if found == "synthetic":  # not a benchmark: only the class count can name one
+        found, by_names = identify_dataset(None, num_labels)
+    if found is None:
+        known = ", ".join(f"{n} ({get_dataset_info(n).num_labels})" for n in DATASET_NAMES)
+        raise ConversionError(
+            f"the checkpoint has {num_labels} classes (decode_head.offset_learning.cls_repr), which matches none of "
+            f"the OffSeg benchmarks: {known}"
+        )
+    info = get_dataset_info(found)
+    if names and not by_names:
         differences = [(i, a, b) for i, (a, b) in enumerate(zip(names, info.class_names)) if a != b]
         logger.warning(
             "the checkpoint's meta lists %d class names that differ from %s's (first differences, as index: "
@@ -199,14 +205,7 @@ def resolve_dataset(num_labels: int, dataset: str | None = None, meta: Mapping |
             len(names), info.name, ", ".join(f"{i}: {a!r} vs {b!r}" for i, a, b in differences[:3]) or "count differs",
             info.name,
         )
-    if info is None:
-        known = ", ".join(f"{n} ({get_dataset_info(n).num_labels})" for n in DATASET_NAMES)
-        raise ConversionError(
-            f"the checkpoint has {num_labels} classes (decode_head.offset_learning.cls_repr), which matches none of "
-            f"the OffSeg benchmarks: {known}"
-        )
     return info
-
 
 # --------------------------------------------------------------------------------------------------
 # The common end: write atomically, verify, push

@@ -16,7 +16,7 @@ import jinja2.meta
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from offseg_hf.data.tables import get_dataset_info
+from offseg_hf.data.registry import get_dataset, get_dataset_info
 from offseg_hf.models.configuration_offseg import OffSegConfig
 from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
 
@@ -48,71 +48,18 @@ _VARIANTS = {
     "offseg-l": ("OffSeg-L", "L", "32, 64, 128, 256"),
 }
 
-_DATASETS = {
-    "ade20k": {
-        "title": "ADE20K",
-        "hub": "scene_parse_150",
-        "slug": "ade20k",
-        "train_split": "training set (SceneParsing150, 20,210 images), 512×512 crops",
-        "train_crop": "512×512",
-        "resize": "short side 512, long side at most 2048, aspect ratio kept",
-        "slide": "512×512 windows, stride 480",
-        "evaluation": (
-            "ADE20K validation set (2,000 images), 150 classes. Annotations store 0 for \"no class\": labels are "
-            "reduced (0 → 255 ignored, v → v − 1; `do_reduce_labels=True` in the processor). Each image is resized "
-            "to short side 512 (long side ≤ 2048, aspect ratio kept), segmented with 512×512 sliding windows "
-            "(stride 480), and the logits are resized bilinearly to the original image size before the arg-max. "
-            "Single scale, no flipping."
-        ),
-        "limitations": "ADE20K covers indoor and outdoor scenes photographed in daylight; the 150 classes are the SceneParsing subset of ADE20K's vocabulary.",
-    },
-    "coco-stuff": {
-        "title": "COCO-Stuff-164k",
-        "hub": "coco-stuff",
-        "slug": "cocostuff",
-        "train_split": "training set (118k images of COCO 2017 train), 512×512 crops",
-        "train_crop": "512×512",
-        "resize": "short side 512, long side at most 2048, aspect ratio kept",
-        "slide": "512×512 windows, stride 480",
-        "evaluation": (
-            "COCO-Stuff-164k validation set (5,000 images of COCO 2017 val), 171 classes (80 thing + 91 stuff; the "
-            "182 raw ids are mapped to 0–170 as mmsegmentation's converter does, unused ids → 255). Each image is "
-            "resized to short side 512 (long side ≤ 2048, aspect ratio kept), segmented with 512×512 sliding "
-            "windows (stride 480), logits resized bilinearly to the original size. Single scale, no flipping."
-        ),
-        "limitations": "COCO-Stuff labels are coarse polygons at object boundaries; stuff classes such as 'wall-other' or 'floor-other' are catch-alls.",
-    },
-    "cityscapes": {
-        "title": "Cityscapes",
-        "hub": "cityscapes",
-        "slug": "cityscapes",
-        "train_split": "training set (2,975 finely annotated images), 1024×1024 crops",
-        "train_crop": "1024×1024",
-        "resize": "2048×1024 (Cityscapes' native size), aspect ratio kept",
-        "slide": "1024×1024 windows, stride 768",
-        "evaluation": (
-            "Cityscapes validation set (500 finely annotated 2048×1024 images), the 19 evaluation classes "
-            "(`*_gtFine_labelTrainIds.png`, label ids mapped to train ids with cityscapesscripts' table, others → 255). "
-            "Images keep their 2048×1024 size and are segmented with 1024×1024 sliding windows (stride 768). "
-            "Single scale, no flipping."
-        ),
-        "limitations": "Cityscapes is urban street scenes from German and neighbouring cities in daytime and fair weather, seen from a car; other viewpoints, weather and countries are out of distribution.",
-    },
-    "pascal-context": {
-        "title": "Pascal Context (59 classes)",
-        "hub": "pascal-context",
-        "slug": "pascal-context",
-        "train_split": "training set (4,996 images), 480×480 crops",
-        "train_crop": "480×480",
-        "resize": "long side 520, aspect ratio kept",
-        "slide": "480×480 windows, stride 320",
-        "evaluation": (
-            "Pascal Context validation set (5,104 images), 59 classes; raw 0 (background) is ignored (labels reduced). "
-            "Images are resized to long side 520 and segmented with 480×480 sliding windows (stride 320)."
-        ),
-        "limitations": "Pascal Context's 59-class setting ignores the background class, so the model never predicts 'background'.",
-    },
-}
+def _dataset_card(name: str) -> dict[str, str]:
+    """The model-card facts of a dataset: its spec's card texts, its title, and the training crop and sliding
+    window of its recipe and test protocol."""
+    spec = get_dataset(name)
+    crop, protocol = spec.recipe["crop_size"], spec.protocol
+    return {
+        **spec.card,
+        "title": spec.title,
+        "train_crop": f"{crop}×{crop}",
+        "slide": f"{protocol.crop_size[0]}×{protocol.crop_size[1]} windows, stride {protocol.stride[0]}",
+    }
+
 
 _PAPER_URL = "https://arxiv.org/abs/2508.08811"
 
@@ -120,7 +67,7 @@ _PAPER_URL = "https://arxiv.org/abs/2508.08811"
 def card_name(preset: str, dataset: str) -> str:
     """Folder / repo / card file name, e.g. ``offseg-t-ade20k``, ``offseg-b-cocostuff``."""
     info = get_dataset_info(dataset)
-    return f"{preset}-{_DATASETS[info.name]['slug']}"
+    return f"{preset}-{get_dataset(info.name).card['slug']}"
 
 
 def default_template_path() -> Path:
@@ -133,7 +80,7 @@ def default_template_path() -> Path:
 
 def _results_table(preset: str, dataset: str) -> str:
     rows = ["| Model | Dataset | mIoU (%) | Params (M) | FLOPs (G, 512×512) | Source |", "|---|---|---|---|---|---|"]
-    title = _DATASETS[dataset]["title"]
+    title = get_dataset(dataset).title
     for other in CARD_PRESETS:
         reported = PAPER_RESULTS.get((other, dataset))
         name = _VARIANTS[other][0]
@@ -149,7 +96,7 @@ def _results_table(preset: str, dataset: str) -> str:
 
 
 def _card_data(preset: str, dataset: str, model_id: str) -> ModelCardData:
-    spec = _DATASETS[dataset]
+    spec = _dataset_card(dataset)
     reported = PAPER_RESULTS.get((preset, dataset))
     results = None
     if reported:
@@ -189,7 +136,7 @@ def render_model_card(
 
     Args:
         preset: ``"offseg-t"``, ``"offseg-b"`` or ``"offseg-l"``.
-        dataset: a dataset name or alias (see :func:`offseg_hf.data.tables.get_dataset_info`).
+        dataset: a dataset name or alias (see :func:`offseg_hf.data.registry.get_dataset_info`).
         model_id: name used in the usage snippets (Hub repo id or folder); default :func:`card_name`.
         num_parameters: parameter count to print; default: counted exactly on the meta device.
         source_checkpoint: file name of the converted checkpoint, recorded in a provenance note.
@@ -202,7 +149,7 @@ def render_model_card(
     if preset not in _VARIANTS:
         raise ValueError(f"unknown OffSeg preset {preset!r}; choose one of {', '.join(_VARIANTS)}")
     info = get_dataset_info(dataset)
-    spec = _DATASETS[info.name]
+    spec = _dataset_card(info.name)
     path = Path(template) if template is not None else default_template_path()
     if not path.is_file():
         raise FileNotFoundError(

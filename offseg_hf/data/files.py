@@ -20,10 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from offseg_hf.data.tables import CITYSCAPES_LABEL_ID_TO_TRAIN_ID, COCO_STUFF_ID_TO_TRAIN_ID, lookup_table
+
 __all__ = [
     "LabelMapping",
     "canonical_split",
+    "LABEL_FORMATS",
     "first_existing",
+    "label_mapping_for",
     "paired_file_dataset",
     "read_label_map",
     "sorted_files",
@@ -68,8 +72,6 @@ class LabelMapping:
     @classmethod
     def from_table(cls, table: dict[int, int], description: str) -> "LabelMapping":
         """A raw-id table (e.g. COCO-Stuff ids, Cityscapes labelIds); ids without an entry become 255."""
-        from offseg_hf.data.tables import lookup_table
-
         lut = lookup_table(table)
         valid = np.ones(256, dtype=bool)
         return cls(lut, valid, description)
@@ -98,6 +100,24 @@ class LabelMapping:
                 f"{source}: label value{'s' if invalid.size > 1 else ''} {values}{more} not valid for {self.description}"
             )
         return self.lut[raw]
+
+
+LABEL_FORMATS = ("train-ids", "reduce", "coco-stuff-raw", "cityscapes-label-ids")
+"""How annotation files store classes: train ids already; ``reduce`` (0 = no class, ``v`` → ``v - 1``, ADE20K and
+Pascal Context); COCO-Stuff-164k's raw ids 0..181; Cityscapes' ``labelIds`` 0..33."""
+
+
+def label_mapping_for(label_format: str, num_labels: int) -> LabelMapping:
+    """The :class:`LabelMapping` of a ``label_format`` (one of :data:`LABEL_FORMATS`)."""
+    if label_format == "train-ids":
+        return LabelMapping.identity(num_labels)
+    if label_format == "reduce":
+        return LabelMapping.reduce_labels(num_labels)
+    if label_format == "coco-stuff-raw":
+        return LabelMapping.from_table(COCO_STUFF_ID_TO_TRAIN_ID, "COCO-Stuff-164k raw ids 0..181")
+    if label_format == "cityscapes-label-ids":
+        return LabelMapping.from_table(CITYSCAPES_LABEL_ID_TO_TRAIN_ID, "Cityscapes labelIds 0..33")
+    raise ValueError(f"unknown label_format {label_format!r}; choose one of {', '.join(LABEL_FORMATS)}")
 
 
 def read_label_map(path: str | Path) -> np.ndarray:

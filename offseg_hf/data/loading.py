@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from offseg_hf.data.files import canonical_split
+from offseg_hf.data.registry import get_dataset
 
 __all__ = ["load_segmentation_dataset"]
 
@@ -23,7 +24,8 @@ def load_segmentation_dataset(
     """Load a split of ``synthetic``, ``ade20k``, ``coco-stuff``, ``cityscapes`` or ``pascal-context``.
 
     Args:
-        name: dataset name (aliases of :func:`offseg_hf.data.tables.get_dataset_info` accepted).
+        name: dataset name (aliases of :func:`offseg_hf.data.registry.get_dataset` accepted); its spec names the
+            loader of the official local layout.
         split: ``train`` / ``validation`` (``val``) / ``test``.
         data_dir: root of the official local layout (see each loader's docstring).
         hub_id: a Hub dataset id streamed instead (see :mod:`offseg_hf.data.hub`); extra keyword
@@ -33,25 +35,14 @@ def load_segmentation_dataset(
     Returns:
         a canonical dataset (see the module docstring).
     """
-    if name.lower() == "synthetic":
-        from offseg_hf.data.synthetic import load_synthetic
-
-        return load_synthetic(canonical_split(split), **kwargs)
-    from offseg_hf.data.tables import get_dataset_info
-
-    info = get_dataset_info(name)
+    spec = get_dataset(name)
+    load = spec.load_function()
+    if spec.name == "synthetic":
+        return load(canonical_split(split), **kwargs)
     if hub_id is not None:
         from offseg_hf.data.hub import load_hub_dataset
 
-        return load_hub_dataset(hub_id, split=split, dataset=info.name, **kwargs)
+        return load_hub_dataset(hub_id, split=split, dataset=spec.name, **kwargs)
     if data_dir is None:
-        raise ValueError(f"dataset {info.name!r} needs --data-dir (official local layout) or --hub-id")
-    if info.name == "ade20k":
-        from offseg_hf.data.ade20k import load_ade20k as loader
-    elif info.name == "coco-stuff":
-        from offseg_hf.data.coco_stuff import load_coco_stuff as loader
-    elif info.name == "cityscapes":
-        from offseg_hf.data.cityscapes import load_cityscapes as loader
-    else:
-        from offseg_hf.data.pascal_context import load_pascal_context as loader
-    return loader(data_dir, split=split)
+        raise ValueError(f"dataset {spec.name!r} needs --data-dir (official local layout) or --hub-id")
+    return load(data_dir, split=split)

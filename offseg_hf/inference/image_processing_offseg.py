@@ -49,7 +49,7 @@ def build_image_processor(
     """The image processor of OffSeg folders for ``dataset``: the paper's keep-ratio test resize and normalisation.
 
     Args:
-        dataset: a benchmark of :data:`offseg_hf.inference.segment.PROTOCOLS` (aliases as in :mod:`offseg_hf.data.tables`,
+        dataset: a benchmark of :data:`offseg_hf.inference.segment.PROTOCOLS` (aliases as in :mod:`offseg_hf.data.registry`,
             e.g. ``"ADE20K"``, ``"cocostuff"``), or ``"synthetic"`` (requires ``scale``).
         scale: ``(long-side limit, short-side target)`` of the keep-ratio resize; defaults to the dataset's
             protocol (``(2048, 512)`` for ADE20K).
@@ -62,7 +62,7 @@ def build_image_processor(
     Raises:
         ValueError: an unknown dataset, or ``"synthetic"`` without ``scale``.
     """
-    from offseg_hf.data.tables import get_dataset_info
+    from offseg_hf.data.registry import get_dataset_info
     from offseg_hf.inference.segment import get_protocol
 
     synthetic = dataset.lower() == "synthetic"

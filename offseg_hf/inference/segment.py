@@ -50,6 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from offseg_hf.data.registry import DATASETS, SegmentationProtocol, get_dataset
+
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
@@ -70,58 +72,24 @@ __all__ = [
 DEFAULT_BAND_BYTES = 32 * 2**20
 """Default size of one ``(K, rows, width)`` float32 band evaluated at a time (32 MiB)."""
 
-TTA_RATIOS: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-
-
-@dataclass(frozen=True)
-class SegmentationProtocol:
-    """Test-time settings of one benchmark (mmsegmentation's test pipeline and ``test_cfg``).
-
-    Attributes:
-        scale: ``(long-side limit, short-side target)`` of the keep-ratio resize, e.g. ``(2048, 512)``.
-        crop_size: ``(height, width)`` of the sliding window.
-        stride: ``(vertical, horizontal)`` step of the sliding window.
-        tta_ratios: scale ratios of multi-scale testing, applied to ``scale``.
-    """
-
-    scale: tuple[int, int]
-    crop_size: tuple[int, int]
-    stride: tuple[int, int]
-    tta_ratios: tuple[float, ...] = TTA_RATIOS
-
-    def __post_init__(self) -> None:
-        for name in ("scale", "crop_size", "stride"):
-            value = getattr(self, name)
-            if len(value) != 2 or min(value) < 1:
-                raise ValueError(f"SegmentationProtocol.{name} must be two positive integers, got {value!r}")
-        if not self.tta_ratios or min(self.tta_ratios) <= 0:
-            raise ValueError(f"SegmentationProtocol.tta_ratios must be positive, got {self.tta_ratios!r}")
-
-
 PROTOCOLS: dict[str, SegmentationProtocol] = {
-    "ade20k": SegmentationProtocol(scale=(2048, 512), crop_size=(512, 512), stride=(480, 480)),
-    "coco-stuff": SegmentationProtocol(scale=(2048, 512), crop_size=(512, 512), stride=(480, 480)),
-    "cityscapes": SegmentationProtocol(scale=(2048, 1024), crop_size=(1024, 1024), stride=(768, 768)),
-    "pascal-context": SegmentationProtocol(scale=(520, 520), crop_size=(480, 480), stride=(320, 320)),
+    name: spec.protocol for name, spec in DATASETS.items() if spec.protocol is not None
 }
-"""The paper's benchmarks (OffSeg configs; Pascal Context from mmsegmentation's ``pascal_context_59``)."""
+"""The paper's benchmarks' test protocols (from :data:`offseg_hf.data.registry.DATASETS`)."""
 
 
 def get_protocol(protocol: str | SegmentationProtocol) -> SegmentationProtocol:
-    """A :class:`SegmentationProtocol` from a dataset name (aliases as in :mod:`offseg_hf.data.tables`) or itself."""
+    """A :class:`SegmentationProtocol` from a dataset name (aliases as in :func:`offseg_hf.data.registry.get_dataset`)
+    or itself."""
     if isinstance(protocol, SegmentationProtocol):
         return protocol
-    key = protocol.lower().replace("_", "-").replace(" ", "-")
-    if key not in PROTOCOLS:
-        try:
-            from offseg_hf.data.tables import get_dataset_info
-
-            key = get_dataset_info(protocol).name
-        except ValueError:
-            pass
-    if key not in PROTOCOLS:
+    try:
+        spec = get_dataset(protocol)
+    except ValueError:
+        spec = None
+    if spec is None or spec.protocol is None:
         raise ValueError(f"unknown test protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[key]
+    return spec.protocol
 
 
 def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:

@@ -49,10 +49,6 @@ def deterministic_palette(num_labels: int) -> np.ndarray:
     return np.asarray(colours, dtype=np.uint8).reshape(num_labels, 3)
 
 
-def _normalised_name(name: str) -> str:
-    return " ".join(str(name).lower().split())
-
-
 def resolve_palette(id2label: Mapping[int, str]) -> tuple[np.ndarray, str | None]:
     """Colours for a model's classes.
 
@@ -63,21 +59,15 @@ def resolve_palette(id2label: Mapping[int, str]) -> tuple[np.ndarray, str | None
         ``(palette, dataset)``: a ``(K, 3)`` uint8 array, and the benchmark name whose palette it is (``None``
         for the generated palette).
     """
-    from offseg_hf.data.synthetic import synthetic_class_names, synthetic_palette
-    from offseg_hf.data.tables import DATASET_NAMES, dataset_for_num_labels, get_dataset_info, palette_array
+    from offseg_hf.data.registry import get_dataset_info, identify_dataset, palette_array
+    from offseg_hf.data.synthetic import synthetic_palette
 
     num_labels = len(id2label)
-    names = [_normalised_name(id2label[index]) for index in range(num_labels)]
-    if num_labels >= 2 and names == [_normalised_name(n) for n in synthetic_class_names(num_labels)]:
-        # the synthetic classes are named after their colours: show them in those colours
+    dataset, _ = identify_dataset([id2label[index] for index in range(num_labels)])
+    if dataset == "synthetic":  # the synthetic classes are named after their colours: show them in those colours
         return np.asarray(synthetic_palette(num_labels), dtype=np.uint8), "synthetic"
-    for dataset in DATASET_NAMES:
-        info = get_dataset_info(dataset)
-        if [_normalised_name(name) for name in info.class_names] == names:
-            return palette_array(info), info.name
-    info = dataset_for_num_labels(num_labels)
-    if info is not None:
-        return palette_array(info), info.name
+    if dataset is not None:
+        return palette_array(get_dataset_info(dataset)), dataset
     return deterministic_palette(num_labels), None
 
 

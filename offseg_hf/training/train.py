@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from offseg_hf.data.registry import DATASETS, get_dataset
 from offseg_hf.training.checkpoints import STAGING_DIR, atomic_write_text, newest_complete_checkpoint, publish_folder
 
 logger = logging.getLogger(__name__)
@@ -52,21 +53,8 @@ __all__ = [
     "warmup_poly_factor",
 ]
 
-# Per dataset: the reference schedule, batch, crop and resize scales.
-RECIPES: dict[str, dict[str, Any]] = {
-    "ade20k": {"max_steps": 160_000, "global_batch_size": 16, "crop_size": 512, "train_scale": (2048, 512),
-               "test_scale": (2048, 512), "eval_batch_size": 1},
-    "coco-stuff": {"max_steps": 80_000, "global_batch_size": 16, "crop_size": 512, "train_scale": (2048, 512),
-                   "test_scale": (2048, 512), "eval_batch_size": 1},
-    "cityscapes": {"max_steps": 160_000, "global_batch_size": 8, "crop_size": 1024, "train_scale": (2048, 1024),
-                   "test_scale": (2048, 1024), "eval_batch_size": 1},
-    "pascal-context": {"max_steps": 80_000, "global_batch_size": 16, "crop_size": 480, "train_scale": (520, 520),
-                       "test_scale": (520, 520), "eval_batch_size": 1},
-    # CPU-sized: 64×64 scenes, resized by 0.5–2.0 and cropped back to 64.
-    "synthetic": {"max_steps": 300, "global_batch_size": 8, "crop_size": 64, "train_scale": (64, 64),
-                  "test_scale": None, "eval_batch_size": 8, "warmup_steps": 30, "eval_steps": 100,
-                  "logging_steps": 10, "learning_rate": 6e-4},
-}
+# Per dataset: the reference schedule, batch, crop and resize scales (each dataset's spec in the registry).
+RECIPES: dict[str, dict[str, Any]] = {name: spec.training_defaults() for name, spec in DATASETS.items()}
 
 
 @dataclass
@@ -231,11 +219,7 @@ def _check_model_name(name: str) -> None:
 
 
 def _canonical_dataset(name: str) -> str:
-    if name.lower() == "synthetic":
-        return "synthetic"
-    from offseg_hf.data.tables import get_dataset_info
-
-    return get_dataset_info(name).name
+    return get_dataset(name).name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,7 +542,7 @@ def load_datasets(config: TrainConfig):
         train = load_segmentation_dataset("synthetic", "train", num_samples=config.train_samples, **common)
         validation = load_segmentation_dataset("synthetic", "validation", num_samples=config.eval_samples, **common)
         return train, validation, synthetic_class_names(config.num_labels)
-    from offseg_hf.data.tables import get_dataset_info
+    from offseg_hf.data.registry import get_dataset_info
 
     hub_kwargs = {}
     if config.hub_id:
