@@ -143,7 +143,7 @@ def _looks_like(state_dict: Mapping[str, torch.Tensor]) -> str:
     return "an unknown model"
 
 
-def _check_offseg_keys(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
+def _check_offseg_keys(state_dict: Mapping[str, torch.Tensor]) -> None:
     required = ("backbone.patch_embed.0.weight", "backbone.network.0.0.mlp.fc1.weight")
     missing = [key for key in required if key not in state_dict]
     classifiers = ("decode_head.offset_learning.cls_repr", "decode_head.conv_seg.weight")
@@ -158,7 +158,7 @@ def _check_offseg_keys(state_dict: Mapping[str, torch.Tensor], path: str) -> Non
             )
         example = ", ".join(repr(k) for k in list(state_dict)[:3])
         raise ConversionError(
-            f"{path} is not an OffSeg checkpoint (EfficientFormerV2 backbone + OffSeg head): it lacks {missing}; "
+            f"not an OffSeg checkpoint (EfficientFormerV2 backbone + OffSeg head): it lacks {missing}; "
             f"it looks like {_looks_like(state_dict)} (first keys: {example}){hint}"
         )
 
@@ -344,7 +344,39 @@ def _num_parameters(model) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def convert_checkpoint(
+_SEGMENTATION_OPTIONS = """
+    Args:
+        checkpoint: the authors' ``.pth`` (or a ``.safetensors`` with the same keys).
+        output_dir: the folder to create, e.g. ``offseg-t-ade20k``. Must not exist (or be empty) unless
+            ``overwrite``.
+        dataset: benchmark name (``ade20k``, ``coco-stuff``, ``cityscapes``, ``pascal-context`` or an
+            alias); default: decided from the checkpoint's class names (meta) or class count.
+        verify: reload the written folder and compare weights and logits with the original tensors.
+        verify_size: side of the square random input used by ``verify``.
+        overwrite: replace an existing ``output_dir``.
+        push_to_hub: upload the finished folder to this Hub repo id.
+        private: create the Hub repo private.
+        token: Hub token (default: ``HF_TOKEN`` / the cached login).
+
+    Raises:
+        FileNotFoundError, ConversionError: nothing is written.
+"""
+
+
+@dataclass
+class _Converted:
+    """What a segmentation builder makes of a state dict: the model (weights not loaded yet) and its weights."""
+
+    model: torch.nn.Module
+    weights: dict[str, torch.Tensor]
+    info: DatasetInfo
+    preset: str
+    description: str
+    dropped: list[str]
+
+
+def _convert_segmentation(
+    build: Callable[[Mapping[str, torch.Tensor], Mapping, str | None], _Converted],
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
@@ -358,146 +390,98 @@ def convert_checkpoint(
     model_id: str | None = None,
     _loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
 ) -> ConversionResult:
-    """Convert an official OffSeg checkpoint into a Transformers folder (and optionally a Hub repo).
-
-    Args:
-        checkpoint: the authors' ``.pth`` (or a ``.safetensors`` with the same keys).
-        output_dir: the folder to create, e.g. ``offseg-t-ade20k``. Must not exist (or be empty) unless
-            ``overwrite``.
-        dataset: benchmark name (``ade20k``, ``coco-stuff``, ``cityscapes``, ``pascal-context`` or an
-            alias); default: decided from the class count / checkpoint meta.
-        verify: reload the written folder and compare weights and logits with the original tensors.
-        verify_size: side of the square random input used by ``verify``.
-        overwrite: replace an existing ``output_dir``.
-        push_to_hub: upload the finished folder to this Hub repo id.
-        private: create the Hub repo private.
-        token: Hub token (default: ``HF_TOKEN`` / the cached login).
-        model_id: the name used in the model card's usage snippets (default: ``push_to_hub`` or the folder name).
-
-    Raises:
-        FileNotFoundError, ConversionError: nothing is written.
-    """
+    """The flow of every segmentation checkpoint: read, ``build`` (map and account for the keys), load strictly,
+    then write the model, the dataset's processor and (OffSeg) the card, verify and push (:func:`_finish`)."""
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     _check_output_dir(output_dir, overwrite)
     state_dict, meta = _loaded if _loaded is not None else read_checkpoint(checkpoint)
-    _check_offseg_keys(state_dict, str(checkpoint))
     try:
-        preset = detect_preset(state_dict)
-        info = resolve_dataset(num_labels_of(state_dict), dataset, meta)
+        converted = build(state_dict, meta, dataset)
     except ConversionError as error:
         raise ConversionError(f"{checkpoint}: {error}") from None
+    model, info = converted.model.eval(), converted.info
+    model.load_state_dict(converted.weights, strict=True)
+    num_parameters = _num_parameters(model)
+    result = ConversionResult(
+        output_dir, converted.preset, info.name, info.num_labels, num_parameters, dropped_keys=sorted(converted.dropped)
+    )
+    card = None
+    if isinstance(model, OffSegForSemanticSegmentation):  # the cards are OffSeg's
+        card = lambda: render_model_card(  # noqa: E731
+            converted.preset, info.name, model_id=model_id or push_to_hub or output_dir.name,
+            num_parameters=num_parameters, source_checkpoint=checkpoint.name,
+        )
+    return _finish(
+        result, output_dir, overwrite, _segmentation_files(model, info.name, card),
+        verify_with=(converted.weights, model, verify_size) if verify else None, push_to_hub=push_to_hub,
+        private=private, token=token,
+        commit_message=f"Add {converted.description} ({info.name}) converted from {checkpoint.name}",
+    )
+
+
+def _build_offseg(state_dict: Mapping[str, torch.Tensor], meta: Mapping, dataset: str | None) -> _Converted:
+    _check_offseg_keys(state_dict)
+    preset = detect_preset(state_dict)
+    info = resolve_dataset(num_labels_of(state_dict), dataset, meta)
     config = OffSegConfig.from_preset(
         preset, num_labels=info.num_labels, id2label=info.id2label, label2id=info.label2id,
         classifier=classifier_of(state_dict),
     )
     model = OffSegForSemanticSegmentation(config)
     try:  # every key mapped, dropped by design or derived (and then checked); every model key provided
-        mapped = convert_official_state_dict(
+        weights = convert_official_state_dict(
             state_dict, config, expected_shapes={key: value.shape for key, value in model.state_dict().items()}
         )
     except ConversionError as error:
-        raise ConversionError(f"{checkpoint} ({preset}, {info.name}): {error}") from None
-    model.load_state_dict(mapped, strict=True)
-    model.eval()
-    num_parameters = _num_parameters(model)
-    result = ConversionResult(
-        output_dir, preset, info.name, info.num_labels, num_parameters,
-        dropped_keys=sorted(k for k in state_dict if is_dropped(k, config.classifier)),
-    )
-    card = lambda: render_model_card(  # noqa: E731
-        preset, info.name, model_id=model_id or push_to_hub or output_dir.name, num_parameters=num_parameters,
-        source_checkpoint=checkpoint.name,
-    )
-    return _finish(
-        result, output_dir, overwrite, _segmentation_files(model, info.name, card),
-        verify_with=(mapped, model, verify_size) if verify else None, push_to_hub=push_to_hub, private=private,
-        token=token, commit_message=f"Add {preset} ({info.name}) converted from {checkpoint.name}",
-    )
+        raise ConversionError(f"({preset}, {info.name}) {error}") from None
+    dropped = [key for key in state_dict if is_dropped(key, config.classifier)]
+    return _Converted(model, weights, info, preset, preset, dropped)
 
 
-def convert_segformer_offset_checkpoint(
-    checkpoint: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    dataset: str | None = None,
-    verify: bool = False,
-    verify_size: int = 512,
-    overwrite: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    token: str | None = None,
-    _loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
-) -> ConversionResult:
-    """Convert an official "SegFormer w/ Offset Learning" checkpoint into a Transformers folder.
-
-    Writes ``config.json`` (``model_type: segformer_offset``, the dataset's class names), ``model.safetensors``
-    and ``preprocessor_config.json``; every reference key is mapped or explicitly dropped
-    (:func:`offseg_hf.conversion.segformer.convert_segformer_offset_state_dict`). Options as :func:`convert_checkpoint`.
-    """
-    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
-    state_dict, meta = _loaded if _loaded is not None else read_checkpoint(checkpoint)
-    try:
-        num_labels = int(state_dict["decode_head.offset_learning.cls_repr"].shape[-2])
-        info = resolve_dataset(num_labels, dataset, meta)
-        config = segformer_offset_config_from_state_dict(state_dict, id2label=info.id2label, label2id=info.label2id)
-        config, converted = convert_segformer_offset_state_dict(state_dict, config)
-    except ConversionError as error:
-        raise ConversionError(f"{checkpoint}: {error}") from None
-    model = SegformerOffsetForSemanticSegmentation(config).eval()
-    model.load_state_dict(converted, strict=True)
-    result = ConversionResult(
-        output_dir, "segformer-offset", info.name, info.num_labels, _num_parameters(model),
-        dropped_keys=sorted(k for k in state_dict if k.startswith("decode_head.conv_seg.")),
-    )
-    return _finish(
-        result, output_dir, overwrite, _segmentation_files(model, info.name),
-        verify_with=(converted, model, verify_size) if verify else None, push_to_hub=push_to_hub, private=private,
-        token=token, commit_message=f"Add SegFormer + offset learning ({info.name}) converted from {checkpoint.name}",
-    )
+def _build_segformer_offset(state_dict: Mapping[str, torch.Tensor], meta: Mapping, dataset: str | None) -> _Converted:
+    info = resolve_dataset(int(state_dict["decode_head.offset_learning.cls_repr"].shape[-2]), dataset, meta)
+    config = segformer_offset_config_from_state_dict(state_dict, id2label=info.id2label, label2id=info.label2id)
+    config, weights = convert_segformer_offset_state_dict(state_dict, config)
+    dropped = [key for key in state_dict if key.startswith("decode_head.conv_seg.")]
+    return _Converted(SegformerOffsetForSemanticSegmentation(config), weights, info, "segformer-offset",
+                      "SegFormer + offset learning", dropped)
 
 
-def convert_segnext_checkpoint(
-    checkpoint: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    dataset: str | None = None,
-    verify: bool = False,
-    verify_size: int = 512,
-    overwrite: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    token: str | None = None,
-    _loaded: tuple[dict[str, torch.Tensor], dict] | None = None,
-) -> ConversionResult:
-    """Convert an official SegNeXt checkpoint, plain (mmsegmentation) or "w/ Offset Learning" (the OffSeg
-    authors'), into a :class:`~offseg_hf.models.modeling_segnext.SegNextForSemanticSegmentation` folder.
-
-    The size (T/S/B/L), the classifier (per-pixel or offset learning) and the dataset are read from the
-    checkpoint; every key is mapped or explicitly dropped (:func:`offseg_hf.conversion.segnext.convert_segnext_state_dict`).
-    Options as :func:`convert_checkpoint`.
-    """
-    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
-    state_dict, meta = _loaded if _loaded is not None else read_checkpoint(checkpoint)
-    try:
-        info = resolve_dataset(segnext_config_from_state_dict(state_dict).num_labels, dataset, meta)
-        config = segnext_config_from_state_dict(state_dict, id2label=info.id2label, label2id=info.label2id)
-        config, converted, dropped = convert_segnext_state_dict(state_dict, config)
-    except ConversionError as error:
-        raise ConversionError(f"{checkpoint}: {error}") from None
-    model = SegNextForSemanticSegmentation(config).eval()
-    model.load_state_dict(converted, strict=True)
+def _build_segnext(state_dict: Mapping[str, torch.Tensor], meta: Mapping, dataset: str | None) -> _Converted:
+    info = resolve_dataset(segnext_config_from_state_dict(state_dict).num_labels, dataset, meta)
+    config = segnext_config_from_state_dict(state_dict, id2label=info.id2label, label2id=info.label2id)
+    config, weights, dropped = convert_segnext_state_dict(state_dict, config)
     preset = preset_name(config)
     description = f"SegNeXt-{preset.split('-')[1].upper()}" + (" w/ offset learning" if config.classifier == "offset_learning" else "")
-    result = ConversionResult(
-        output_dir, preset, info.name, info.num_labels, _num_parameters(model), dropped_keys=sorted(dropped)
-    )
-    return _finish(
-        result, output_dir, overwrite, _segmentation_files(model, info.name),
-        verify_with=(converted, model, verify_size) if verify else None, push_to_hub=push_to_hub, private=private,
-        token=token, commit_message=f"Add {description} ({info.name}) converted from {checkpoint.name}",
-    )
+    return _Converted(SegNextForSemanticSegmentation(config), weights, info, preset, description, dropped)
+
+
+def convert_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **options) -> ConversionResult:
+    """Convert an official OffSeg checkpoint into a Transformers folder (and optionally a Hub repo), with its model
+    card (``model_id``: the name its usage snippets use; default ``push_to_hub`` or the folder name).
+    """
+    return _convert_segmentation(_build_offseg, checkpoint, output_dir, **options)
+
+
+def convert_segformer_offset_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **options) -> ConversionResult:
+    """Convert an official "SegFormer w/ Offset Learning" checkpoint into a Transformers folder
+    (``model_type: segformer_offset``); every reference key is mapped or explicitly dropped
+    (:func:`offseg_hf.conversion.segformer.convert_segformer_offset_state_dict`).
+    """
+    return _convert_segmentation(_build_segformer_offset, checkpoint, output_dir, **options)
+
+
+def convert_segnext_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **options) -> ConversionResult:
+    """Convert an official SegNeXt checkpoint, plain (mmsegmentation) or "w/ Offset Learning" (the OffSeg
+    authors'), into a :class:`~offseg_hf.models.modeling_segnext.SegNextForSemanticSegmentation` folder: the size
+    (T/S/B/L), the classifier and the dataset are read from the checkpoint; every key is mapped or explicitly
+    dropped (:func:`offseg_hf.conversion.segnext.convert_segnext_state_dict`).
+    """
+    return _convert_segmentation(_build_segnext, checkpoint, output_dir, **options)
+
+
+for _converter in (convert_checkpoint, convert_segformer_offset_checkpoint, convert_segnext_checkpoint):
+    _converter.__doc__ += _SEGMENTATION_OPTIONS
 
 
 def convert_backbone_checkpoint(
