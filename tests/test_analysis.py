@@ -136,7 +136,7 @@ def test_prototypes_command_smoke(tmp_path, capsys):
     """python -m research.mine_prototypes end to end on a random SegFormer + offset learning and tiny scenes."""
     import argparse
 
-    from offseg_hf.cli import prototypes
+    from research import mine_prototypes as prototypes
 
     parser = argparse.ArgumentParser()
     prototypes.add_arguments(parser)

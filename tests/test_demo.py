@@ -183,7 +183,8 @@ def test_export_space_app_builds_the_demo(model_dirs, tmp_path, capsys):
     names = {line.split(">")[0].split("<")[0].split("=")[0].strip() for line in requirements}
     assert {"torch", "transformers", "gradio", "huggingface_hub", "safetensors"} <= names
     assert "MODELS = ['someone/offseg-t-ade20k']" in (space / "app.py").read_text()
-    assert (space / "offseg_hf" / "demo.py").is_file() and (space / "offseg_hf" / "data" / "tables").is_dir()
+    assert (space / "offseg_hf" / "inference" / "demo.py").is_file() and (space / "offseg_hf" / "data" / "tables").is_dir()
+    assert (space / "offseg_hf" / "conversion" / "templates" / "TEMPLATE.md").is_file()
 
     # A fresh interpreter in the Space folder: app.py must import the copied package and build the Blocks
     # (against a local model folder instead of the Hub repo, and with no network).

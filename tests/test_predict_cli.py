@@ -277,11 +277,10 @@ def test_directories_duplicates_and_generated_palette(tmp_path, custom_model, ca
     np.testing.assert_array_equal(colours, deterministic_palette(5))
 
 
-def test_all_good_inputs_exit_zero_and_script_wrapper(tmp_path, custom_model, inputs):
+def test_all_good_inputs_exit_zero_through_python_m_offseg_hf(tmp_path, custom_model, inputs):
     out = tmp_path / "out"
-    script = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
     completed = subprocess.run(
-        [sys.executable, str(script), str(inputs["rgb.png"]), "--model", str(custom_model), "--out", str(out), *FAST],
+        [sys.executable, "-m", "offseg_hf", "predict", str(inputs["rgb.png"]), "--model", str(custom_model), "--out", str(out), *FAST],
         capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]

@@ -503,7 +503,7 @@ class SegNextForSemanticSegmentation(SegNextPreTrainedModel):
 
 # save_pretrained writes an ``auto_map`` and copies these files (and the siblings they import), so a saved folder
 # also loads with ``trust_remote_code=True`` where offseg_hf is not installed. The Auto* registrations live in
-# offseg_hf/__init__.py.
+# offseg_hf/models/__init__.py.
 MscanBackbone.register_for_auto_class("AutoBackbone")
 SegNextForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 
