@@ -592,6 +592,7 @@ CHECKPOINT_KINDS: tuple[CheckpointKind, ...] = (
                    ("dataset", "verify", "verify_size")),
     CheckpointKind("OffSeg", lambda state_dict: True, convert_checkpoint, ("dataset", "verify", "verify_size", "model_id")),
 )
+_COMMON_OPTIONS = {"overwrite", "push_to_hub", "private", "token"}
 _OPTION_DEFAULTS = {"dataset": None, "verify": False, "verify_size": 512, "model_id": None, "attention_biases": "zero"}
 
 
@@ -600,31 +601,24 @@ def detect_checkpoint_kind(state_dict: Mapping[str, torch.Tensor]) -> Checkpoint
     return next(kind for kind in CHECKPOINT_KINDS if kind.detect(state_dict))
 
 
-def convert_any_checkpoint(
-    checkpoint: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    overwrite: bool = False,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    token: str | None = None,
-    **options,
-):
+def convert_any_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **options):
     """Convert whatever ``checkpoint`` holds (:func:`detect_checkpoint_kind`; the file is read once).
 
-    ``options`` are the kind-specific ones (``dataset``, ``verify``, ``verify_size``, ``model_id``,
-    ``attention_biases``); one set to a non-default value for a kind whose converter does not take it raises
-    :class:`ConversionError` naming the kinds it applies to.
+    ``options``: ``overwrite``, ``push_to_hub``, ``private``, ``token`` (every kind) and the kind-specific
+    ``dataset``, ``verify``, ``verify_size``, ``model_id``, ``attention_biases``; a kind-specific one set to a
+    non-default value for a kind whose converter does not take it raises :class:`ConversionError` naming the kinds
+    it applies to.
     """
-    unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
+    unknown = sorted(set(options) - set(_OPTION_DEFAULTS) - _COMMON_OPTIONS)
     if unknown:
-        raise TypeError(f"convert_any_checkpoint() got unexpected options {unknown}; known: {sorted(_OPTION_DEFAULTS)}")
+        raise TypeError(f"convert_any_checkpoint() got unexpected options {unknown}; known: "
+                        f"{sorted({*_OPTION_DEFAULTS, *_COMMON_OPTIONS})}")
     loaded = read_checkpoint(checkpoint)
     kind = detect_checkpoint_kind(loaded[0])
-    misplaced = sorted(k for k, v in options.items() if k not in kind.options and v not in (None, _OPTION_DEFAULTS[k]))
+    misplaced = sorted(k for k, v in options.items()
+                       if k in _OPTION_DEFAULTS and k not in kind.options and v not in (None, _OPTION_DEFAULTS[k]))
     if misplaced:
         takers = ", ".join(other.name for other in CHECKPOINT_KINDS if set(misplaced) <= set(other.options))
         raise ConversionError(f"{checkpoint} is a(n) {kind.name} checkpoint; {misplaced} apply to {takers} checkpoints only")
-    accepted = {k: v for k, v in options.items() if k in kind.options}
-    return kind.convert(checkpoint, output_dir, overwrite=overwrite, push_to_hub=push_to_hub, private=private,
-                        token=token, _loaded=loaded, **accepted)
+    accepted = {k: v for k, v in options.items() if k in _COMMON_OPTIONS or k in kind.options}
+    return kind.convert(checkpoint, output_dir, _loaded=loaded, **accepted)
