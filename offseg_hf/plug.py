@@ -3,11 +3,11 @@
 :func:`add_offset_learning` turns
 
 * a `SegformerForSemanticSegmentation` (any size) into a
-  :class:`~offseg_hf.modeling_segformer_offset.SegformerOffsetForSemanticSegmentation`: the 1×1 classifier is
+  :class:`~offseg_hf.models.modeling_segformer_offset.SegformerOffsetForSemanticSegmentation`: the 1×1 classifier is
   replaced by a 2×2 max-pool of the fused decoder feature followed by offset learning (logits at 1/8 input
   resolution), as in the paper's SegFormer variant;
 * a `Mask2FormerForUniversalSegmentation` into a
-  :class:`~offseg_hf.modeling_mask2former_offset.Mask2FormerOffsetForUniversalSegmentation`: class offsets on
+  :class:`~offseg_hf.models.modeling_mask2former_offset.Mask2FormerOffsetForUniversalSegmentation`: class offsets on
   the mask embeddings and feature offsets on the pixel embeddings before every mask prediction.
 
 The overhead is ``2·C² + K`` parameters for a decoder width C and K classes (+131,222 for C = 256, K = 150;
@@ -39,10 +39,10 @@ from torch import nn
 from transformers import Mask2FormerForUniversalSegmentation, PreTrainedModel, SegformerForSemanticSegmentation
 from transformers.utils import logging
 
-from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
-from .modeling_offseg import OffSegForSemanticSegmentation
-from .modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
-from .offset_learning import OffsetLearning
+from offseg_hf.models.modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
+from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
+from offseg_hf.models.modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
+from offseg_hf.models.offset_learning import OffsetLearning
 
 logger = logging.get_logger(__name__)
 

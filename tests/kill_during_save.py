@@ -56,6 +56,6 @@ def _hook(event, args):
 
 sys.addaudithook(_hook)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from offseg_cli import main  # noqa: E402
+from offseg_hf.cli import main  # noqa: E402
 
 sys.exit(main(["train", *sys.argv[1:]]))

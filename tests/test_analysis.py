@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-from offseg_hf.analysis import (
+from research.prototypes import (
     PrototypeMiner,
     cosine_similarity_matrix,
     ideal_class_embeddings,
@@ -133,10 +133,10 @@ def test_pre_classifier_features_of_segformer_and_its_offset_variant():
 
 
 def test_prototypes_command_smoke(tmp_path, capsys):
-    """scripts/mine_ideal_prototypes.py end to end on a random SegFormer + offset learning and tiny scenes."""
+    """python -m research.mine_prototypes end to end on a random SegFormer + offset learning and tiny scenes."""
     import argparse
 
-    from offseg_hf.commands import prototypes
+    from research import mine_prototypes as prototypes
 
     parser = argparse.ArgumentParser()
     prototypes.add_arguments(parser)

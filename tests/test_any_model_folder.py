@@ -1,5 +1,5 @@
 """``offseg evaluate`` and ``offseg predict`` load any folder this package can make through one loader
-(:func:`offseg_hf.predict.load_model`, Transformers' Auto classes with the package's registrations): OffSeg,
+(:func:`offseg_hf.inference.predict.load_model`, Transformers' Auto classes with the package's registrations): OffSeg,
 SegFormer + offset learning (``segformer_offset``) and a plain Transformers SegFormer."""
 
 import json
@@ -73,9 +73,9 @@ def test_predict_accepts_the_folder(model_folder, tmp_path, capsys):
 
 
 def test_benchmark_and_prototypes_load_the_folder_with_the_same_loader(model_folder):
-    from offseg_hf.benchmark import build_model
-    from offseg_hf.commands.prototypes import load_model as prototypes_model
-    from offseg_hf.predict import load_model
+    from benchmarks.models import build_model
+    from research.mine_prototypes import load_model as prototypes_model
+    from offseg_hf.inference.predict import load_model
 
     kind, folder = model_folder
     reference, _ = load_model(str(folder), device="cpu", fold_batch_norm=False)

@@ -13,15 +13,15 @@ from safetensors.torch import load_file
 
 timm = pytest.importorskip("timm")
 
-from offseg_hf.configuration_offseg import EfficientFormerV2Config  # noqa: E402
-from offseg_hf.conversion import (  # noqa: E402
+from offseg_hf.models.configuration_offseg import EfficientFormerV2Config  # noqa: E402
+from offseg_hf.conversion.convert import (  # noqa: E402
     ConversionError,
     imagenet_to_reference_backbone,
     load_imagenet_backbone_weights,
     transfer_attention_biases,
 )
-from offseg_hf.convert import backbone_key  # noqa: E402
-from offseg_hf.modeling_efficientformer_v2 import EfficientFormerV2Backbone  # noqa: E402
+from offseg_hf.conversion.keymaps import backbone_key  # noqa: E402
+from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2Backbone  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -221,7 +221,7 @@ def authors_imagenet_s1(official: dict[str, torch.Tensor]) -> dict[str, torch.Te
 def test_offseg_convert_writes_a_backbone_folder(fixtures_dir, tmp_path, capsys):
     """``offseg convert eformer_s1_450.pth DIR`` recognises an ImageNet checkpoint and writes a backbone folder."""
     from offseg_hf.cli import main
-    from offseg_hf.conversion import detect_backbone_variant
+    from offseg_hf.conversion.convert import detect_backbone_variant
 
     imagenet = authors_imagenet_s1(load_file(fixtures_dir / "offseg-t_official.safetensors"))
     assert detect_backbone_variant(imagenet) == "s1"
@@ -229,7 +229,9 @@ def test_offseg_convert_writes_a_backbone_folder(fixtures_dir, tmp_path, capsys)
     torch.save({"model": imagenet}, path)
     out = tmp_path / "efficientformerv2-s1"
     assert main(["convert", str(path), str(out), "--dataset", "ade20k"]) == 1  # OffSeg-only option
-    assert "apply to OffSeg checkpoints only" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "is a(n) EfficientFormerV2 ImageNet checkpoint; ['dataset'] apply to SegNeXt, SegFormer + offset learning, OffSeg checkpoints only" in err
+    assert not out.exists()
     assert main(["convert", str(path), str(out), "--attention-biases", "transfer"]) == 0
     assert "EfficientFormerV2-S1 backbone (official layout)" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "README.md"}

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from offseg_hf.benchmark import (
+from benchmarks.models import (
     Timer,
     build_model,
     count_macs,
@@ -85,9 +85,10 @@ def test_device_benchmark_runs_its_device_independent_path_on_the_cpu():
 def test_cuda_benchmark_refuses_cleanly_without_a_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the refusal path does not apply")
-    from offseg_hf.cli import main
+    from benchmarks import compare_models
+    from offseg_hf.cli import run_tool
 
-    assert main(["benchmark", "--device", "cuda", "--models", "offseg-t"]) == 2
+    assert run_tool(compare_models, ["--device", "cuda", "--models", "offseg-t"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="no CUDA device"):
         run_device_benchmark(["offseg-t"], device="cuda")

@@ -139,7 +139,7 @@ def test_check_data_clean_dataset_and_debug_shows_traceback(tmp_path, capsys):
 
 def test_cli_error_is_one_line_in_a_real_process(tmp_path):
     root, culprit = _ade(tmp_path, "size")
-    result = subprocess.run([sys.executable, "offseg_cli.py", "check-data", "--dataset", "ade20k", "--data-dir",
+    result = subprocess.run([sys.executable, "-m", "offseg_hf", "check-data", "--dataset", "ade20k", "--data-dir",
                              str(root), "--split", "train", "--fast"], cwd=REPO, capture_output=True, text=True,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from offseg_hf import OffSegForSemanticSegmentation
-from offseg_hf.checkpoints import STAGING_DIR, atomic_write_text, incomplete_reason, newest_complete_checkpoint
+from offseg_hf.training.checkpoints import STAGING_DIR, atomic_write_text, incomplete_reason, newest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "tests" / "kill_during_save.py"
@@ -151,7 +151,7 @@ def test_best_model_needs_every_checkpoint_evaluated(caplog):
     a value that works; it is never switched off silently."""
     import logging
 
-    from offseg_hf.training import resolve_config
+    from offseg_hf.training.train import resolve_config
 
     with pytest.raises(ValueError, match=r"save_steps 3 is not a multiple of eval_steps 2.*--save-steps 4"):
         resolve_config({"save_steps": 3, "eval_steps": 2})

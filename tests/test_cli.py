@@ -14,20 +14,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "0"}
 
-# Runs the console script's entry point (offseg_cli.main, as `offseg` does) and reports whether torch,
-# transformers or the offseg_hf package got imported, and every network attempt (audit events).
+# Runs the console script's entry point (offseg_hf.cli.main, as `offseg` and `python -m offseg_hf` do) and reports
+# whether torch, transformers or the models got imported, and every network attempt (audit events).
 PROBE = """
 import json, sys
 events = []
 sys.addaudithook(lambda event, args: events.append(event) if event.startswith("socket.") else None)
 sys.path.insert(0, {repo!r})
-import offseg_cli
+from offseg_hf.cli import main
 try:
-    status = offseg_cli.main({argv!r})
+    status = main({argv!r})
 except SystemExit as exit:
     status = exit.code
 print(json.dumps({{"status": status, "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules,
-                  "package": "offseg_hf" in sys.modules, "network": sorted(set(events))}}), file=sys.stderr)
+                  "models": "offseg_hf.models" in sys.modules, "network": sorted(set(events))}}), file=sys.stderr)
 """
 
 
@@ -40,17 +40,41 @@ def _probe(argv: list[str]) -> tuple[dict, str, str, float]:
     return report, result.stdout, result.stderr, seconds
 
 
-COMMANDS = ["predict", "train", "evaluate", "check-data", "convert", "benchmark", "prototypes"]
+COMMANDS = ["predict", "train", "evaluate", "check-data", "convert"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], *[[name, "--help"] for name in COMMANDS]])
-def test_help_is_fast_and_imports_neither_torch_nor_the_package(argv):
+def test_help_is_fast_and_imports_neither_torch_nor_the_models(argv):
     report, out, _, seconds = _probe(argv)
-    assert report["status"] == 0 and not report["torch"] and not report["transformers"] and not report["package"]
+    assert report["status"] == 0 and not report["torch"] and not report["transformers"] and not report["models"]
     assert seconds < 1.0, f"{' '.join(argv)} took {seconds:.2f} s"
     assert "usage: offseg" in out
     if argv != ["--help"]:
         assert "examples:\n  offseg " + argv[0] in out  # an example per sub-command
+
+
+def test_python_m_offseg_hf_is_the_offseg_command():
+    """``python -m offseg_hf`` (what ``accelerate launch -m offseg_hf`` / ``torchrun -m offseg_hf`` run) prints the
+    same help as the console script, whose entry point is offseg_hf.cli:main."""
+    import configparser
+
+    _, expected, _, _ = _probe(["train", "--help"])
+    result = subprocess.run([sys.executable, "-m", "offseg_hf", "train", "--help"], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout == expected
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    assert setup.get("options.entry_points", "console_scripts").strip() == "offseg = offseg_hf.cli:main"
+
+
+@pytest.mark.parametrize("module", ["benchmarks.compare_models", "research.mine_prototypes"])
+def test_checkout_tools_run_with_the_cli_options(module):
+    """The benchmark and research tools of the checkout are command modules run by offseg_hf.cli.run_tool."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"usage: python -m {module}" in result.stdout and "--debug" in result.stdout
+    assert f"examples:\n  python -m {module}" in result.stdout
 
 
 def test_version():
@@ -81,7 +105,7 @@ def test_every_option_has_help_and_states_its_default():
 
 def test_train_help_defaults_are_the_resolved_ones():
     """The defaults the train help states for the synthetic quick start are what resolve_config produces."""
-    from offseg_hf.training import resolve_config
+    from offseg_hf.training.train import resolve_config
 
     config = resolve_config({"dataset": "synthetic"}).training_args
     assert (config.max_steps, config.warmup_steps, config.learning_rate, config.global_batch_size) == (300, 30, 6e-4, 8)
@@ -145,7 +169,7 @@ def test_quiet_training_prints_only_the_result_and_no_pin_memory_warning(tmp_pat
     torch.manual_seed(0)
     OffSegForSemanticSegmentation(tiny_config()).save_pretrained(tmp_path / "model")
     result = subprocess.run(
-        [sys.executable, "offseg_cli.py", "train", "--quiet", "--dataset", "synthetic", "--model", str(tmp_path / "model"),
+        [sys.executable, "-m", "offseg_hf", "train", "--quiet", "--dataset", "synthetic", "--model", str(tmp_path / "model"),
          "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--global-batch-size", "2", "--num-labels", "4",
          "--image-size", "32", "--crop-size", "32", "--train-scale", "32", "32", "--train-samples", "4",
          "--eval-samples", "2", "--warmup-steps", "1", "--num-workers", "1", "--use-cpu"],

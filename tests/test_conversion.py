@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from offseg_hf.conversion import ConversionError, convert_checkpoint, push_folder_to_hub, read_checkpoint, resolve_dataset
-from offseg_hf.data.tables import get_dataset_info
+from offseg_hf.conversion.convert import ConversionError, convert_checkpoint, push_folder_to_hub, read_checkpoint, resolve_dataset
+from offseg_hf.data.registry import get_dataset_info
 
 from hub_stand_in import LocalHub
 
@@ -160,7 +160,7 @@ def test_t_processor_and_card(converted_t):
     assert "6,183,626 (6.18 M, counted from the model)" in card.text
 
 
-# pipeline("image-segmentation") on a converted folder in a fresh process (with and without `import offseg_hf`,
+# pipeline("image-segmentation") on a converted folder in a fresh process (with and without `import offseg_hf.models`,
 # stdin closed, no prompt) and its parity with offseg_hf.segment: tests/test_pipeline.py.
 
 
@@ -180,7 +180,7 @@ def test_b_cityscapes_through_cli_and_hub(official_t, fixtures_dir, tmp_path, mo
     from huggingface_hub import constants
 
     from offseg_hf.cli import main
-    from offseg_hf.modeling_offseg import OffSegForSemanticSegmentation
+    from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
 
     state_dict = manifest_state_dict(fixtures_dir / "offseg-b_official_keys.json", official_t, num_labels=19)
     checkpoint = tmp_path / "offseg-b_cityscapes.pth"
@@ -214,7 +214,7 @@ def test_b_cityscapes_through_cli_and_hub(official_t, fixtures_dir, tmp_path, mo
 
 
 def test_l_cocostuff(official_t, fixtures_dir, tmp_path):
-    from offseg_hf.modeling_offseg import OffSegForSemanticSegmentation
+    from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
 
     state_dict = manifest_state_dict(fixtures_dir / "offseg-l_official_keys.json", official_t, num_labels=171, seed=1)
     checkpoint = tmp_path / "offseg-l_coco-stuff.pth"
@@ -311,7 +311,7 @@ def test_wrong_class_count(official_t, tmp_path):
 
 
 def test_dataset_resolution_and_processor_per_dataset(caplog):
-    from offseg_hf.image_processing_offseg import build_image_processor
+    from offseg_hf.inference.image_processing_offseg import build_image_processor
 
     assert resolve_dataset(59).name == "pascal-context"
     assert resolve_dataset(19, "Cityscapes").name == "cityscapes"
@@ -340,7 +340,7 @@ def test_renamed_and_reshaped_keys(official_t, tmp_path):
         convert_checkpoint(checkpoint, tmp_path / "out")
     message = str(error.value)
     assert "'decode_head.align.conv.weights'" in message  # the unexpected key, as in the file
-    assert "missing key for 'offseg.decoder.align.conv.weight'" in message
+    assert "missing key 'offseg.decoder.align.conv.weight'" in message
     assert str(checkpoint) in message
     assert_nothing_written(tmp_path, "out")
 
@@ -374,9 +374,9 @@ def test_cli_error_exit_status(tmp_path, capsys):
     assert_nothing_written(tmp_path, "out")
 
 
-def test_script_is_a_thin_wrapper():
+def test_python_m_offseg_hf_convert_help():
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "convert_offseg_to_hf.py"), "--help"],
+        [sys.executable, "-m", "offseg_hf", "convert", "--help"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert completed.returncode == 0, completed.stderr

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from offseg_hf.cli import main
-from offseg_hf.conversion import ConversionError, convert_any_checkpoint
-from offseg_hf.data.tables import get_dataset_info
-from offseg_hf.modeling_segnext import MscanBackbone, SegNextForSemanticSegmentation
+from offseg_hf.conversion.convert import ConversionError, convert_any_checkpoint
+from offseg_hf.data.registry import get_dataset_info
+from offseg_hf.models.modeling_segnext import MscanBackbone, SegNextForSemanticSegmentation
 
 from hub_stand_in import LocalHub
 
@@ -69,8 +69,8 @@ FRESH_PROCESS_PIPELINE = """
 import sys
 import numpy as np
 from PIL import Image
-import offseg_hf  # registers SegNeXt and the image processor
-from offseg_hf.data.tables import get_dataset_info
+import offseg_hf.models  # registers SegNeXt with the Auto classes
+from offseg_hf.data.registry import get_dataset_info
 from transformers import pipeline
 image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
 segments = pipeline("image-segmentation", model=sys.argv[1], trust_remote_code=False)(image)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from offseg_hf.data.loading import LabelMapping, load_segmentation_dataset
+from offseg_hf.data.files import LabelMapping
+
+from offseg_hf.data.loading import load_segmentation_dataset
 
 SIZE = (12, 16)  # (H, W)
 

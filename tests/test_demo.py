@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from offseg_hf.cli import build_parser, main
-from offseg_hf.predict import label_map_from_png, load_model, predict_files, prediction_settings
+from offseg_hf.inference.predict import label_map_from_png, load_model, predict_files, prediction_settings
 
 pytestmark = pytest.mark.torch_threads(1)
 
@@ -72,7 +72,7 @@ def scene(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("kind", ["offseg", "segformer", "segformer_offset"])
 def test_handler_matches_offseg_predict_for_every_model_type(kind, model_dirs, scene, tmp_path):
-    from offseg_hf.demo import ALL_CLASSES, DemoApp, load_demo_models
+    from offseg_hf.inference.demo import ALL_CLASSES, DemoApp, load_demo_models
 
     folder = str(model_dirs[kind])
     app = DemoApp(load_demo_models([folder], device="cpu", scale=SCALE))
@@ -96,7 +96,7 @@ def test_handler_matches_offseg_predict_for_every_model_type(kind, model_dirs, s
 
 
 def test_handler_reports_bad_files_and_keeps_working(model_dirs, scene, tmp_path):
-    from offseg_hf.demo import DemoApp, load_demo_models
+    from offseg_hf.inference.demo import DemoApp, load_demo_models
 
     app = DemoApp(load_demo_models([str(model_dirs["offseg"])], device="cpu", scale=SCALE))
     truncated = tmp_path / "cut.png"
@@ -113,8 +113,8 @@ def test_handler_reports_bad_files_and_keeps_working(model_dirs, scene, tmp_path
 
 
 def test_highlight_keeps_only_that_class_coloured(model_dirs, scene):
-    from offseg_hf.demo import DemoApp, load_demo_models
-    from offseg_hf.visualize import overlay_layout
+    from offseg_hf.inference.demo import DemoApp, load_demo_models
+    from offseg_hf.inference.visualize import overlay_layout
 
     app = DemoApp(load_demo_models([str(model_dirs["offseg"])], device="cpu", scale=SCALE))
     result = app.segment(str(scene), None, opacity=1.0)
@@ -183,7 +183,8 @@ def test_export_space_app_builds_the_demo(model_dirs, tmp_path, capsys):
     names = {line.split(">")[0].split("<")[0].split("=")[0].strip() for line in requirements}
     assert {"torch", "transformers", "gradio", "huggingface_hub", "safetensors"} <= names
     assert "MODELS = ['someone/offseg-t-ade20k']" in (space / "app.py").read_text()
-    assert (space / "offseg_hf" / "demo.py").is_file() and (space / "offseg_hf" / "data" / "tables").is_dir()
+    assert (space / "offseg_hf" / "inference" / "demo.py").is_file() and (space / "offseg_hf" / "data" / "tables").is_dir()
+    assert (space / "offseg_hf" / "conversion" / "templates" / "TEMPLATE.md").is_file()
 
     # A fresh interpreter in the Space folder: app.py must import the copied package and build the Blocks
     # (against a local model folder instead of the Hub repo, and with no network).
@@ -204,7 +205,7 @@ def test_export_space_app_builds_the_demo(model_dirs, tmp_path, capsys):
 
 def test_space_requirements_come_from_the_package_metadata():
     _require_gradio()
-    from offseg_hf.demo import space_requirements
+    from offseg_hf.inference.demo import space_requirements
 
     requirements = space_requirements()
     assert any(line.startswith("gradio") for line in requirements)
@@ -212,7 +213,7 @@ def test_space_requirements_come_from_the_package_metadata():
 
 
 def test_examples_are_generated_scenes(tmp_path):
-    from offseg_hf.demo import example_images
+    from offseg_hf.inference.demo import example_images
 
     paths = example_images(tmp_path, count=2, size=(48, 64))
     assert [p.name for p in paths] == ["example_1.png", "example_2.png"]
@@ -229,7 +230,7 @@ def test_prediction_settings_match_predict_defaults(model_dirs):
 
 
 def test_model_cards_point_to_the_demo_and_the_space():
-    from offseg_hf.model_cards import render_model_card
+    from offseg_hf.conversion.model_cards import render_model_card
 
     card = render_model_card("offseg-t", "ade20k", model_id="someone/offseg-t-ade20k")
     assert 'pip install "offseg-hf[demo]"' in card
@@ -239,7 +240,7 @@ def test_model_cards_point_to_the_demo_and_the_space():
 
 def test_every_event_shares_one_queue_slot_and_models_are_offered(model_dirs):
     _require_gradio()
-    from offseg_hf.demo import CONCURRENCY_ID, build_demo
+    from offseg_hf.inference.demo import CONCURRENCY_ID, build_demo
 
     folders = [str(model_dirs["offseg"]), str(model_dirs["segformer"])]
     demo = build_demo(folders, device="cpu", scale=SCALE, examples=False)
@@ -254,8 +255,8 @@ def test_every_event_shares_one_queue_slot_and_models_are_offered(model_dirs):
 def test_large_upload_keeps_the_page_images_bounded(model_dirs, tmp_path):
     """A 3000×4000 photo: the label map keeps the photo's size (as offseg predict writes it), the overlay shown
     in the page has panels of at most 1024 pixels, and the state keeps one byte per pixel."""
-    from offseg_hf.demo import DemoApp, load_demo_models
-    from offseg_hf.visualize import overlay_layout
+    from offseg_hf.inference.demo import DemoApp, load_demo_models
+    from offseg_hf.inference.visualize import overlay_layout
 
     rng = np.random.default_rng(0)
     photo = np.kron(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), np.ones((100, 100, 1), dtype=np.uint8))

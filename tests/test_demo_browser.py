@@ -298,9 +298,9 @@ def test_bad_uploads_give_a_message_and_the_server_keeps_serving(page, images, p
 
 
 def test_opacity_and_highlight_redraw_the_overlay(page, images, model_dir):
-    from offseg_hf.image_io import load_image
-    from offseg_hf.predict import load_model, overlay_title, predict_image, prediction_settings
-    from offseg_hf.visualize import render_overlay
+    from offseg_hf.inference.image_io import load_image
+    from offseg_hf.inference.predict import load_model, overlay_title, predict_image, prediction_settings
+    from offseg_hf.inference.visualize import render_overlay
 
     _upload(page, images["scene_a.png"])
     model, processor = load_model(str(model_dir), device="cpu")

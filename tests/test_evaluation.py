@@ -7,7 +7,7 @@ import torch
 
 from offseg_hf import OffSegForSemanticSegmentation
 from offseg_hf.cli import main
-from offseg_hf.image_processing_offseg import build_image_processor
+from offseg_hf.inference.image_processing_offseg import build_image_processor
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,7 @@ def test_fold_batch_norm_refuses_training_mode():
 def test_whole_model_compiles_without_graph_breaks(training):
     """``torch.compile(fullgraph=True)`` traces the whole model (a graph break raises). The AOT-autograd backend
     runs the traced forward and backward graphs without inductor's code generation (minutes on 2 cores);
-    ``offseg benchmark --compile`` measures the inductor build against eager on the full model."""
+    ``python -m benchmarks.compare_models --compile`` measures the inductor build against eager on the full model."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = OffSegForSemanticSegmentation(tiny_offseg_config()).train(training)
@@ -144,7 +144,7 @@ def test_whole_model_compiles_without_graph_breaks(training):
 
 
 def test_inference_loader_folds_batch_norm_and_compiles_on_request(tmp_path):
-    from offseg_hf.predict import load_model
+    from offseg_hf.inference.predict import load_model
 
     model = _model_with_trained_statistics()
     model.save_pretrained(tmp_path)
@@ -164,8 +164,8 @@ def test_inference_loader_folds_batch_norm_and_compiles_on_request(tmp_path):
 def test_predict_evaluate_and_train_take_a_compile_flag():
     import argparse
 
-    from offseg_hf.commands import evaluate, predict
-    from offseg_hf.training import parse_train_argv, resolve_config
+    from offseg_hf.cli import evaluate, predict
+    from offseg_hf.training.train import parse_train_argv, resolve_config
 
     for command in (predict, evaluate):
         parser = argparse.ArgumentParser()

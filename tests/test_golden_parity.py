@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, OffsetLearning, carafe
-from offseg_hf.convert import CheckpointMismatchError, convert_official_state_dict, detect_preset, num_labels_of
+from offseg_hf.conversion.accounting import ConversionError
+from offseg_hf.conversion.keymaps import convert_official_state_dict, detect_preset, num_labels_of
 
 ATOL = 1e-4
 
@@ -178,7 +179,7 @@ def test_derived_buffers_agree_with_reference(official_t):
     tampered = dict(official_t)
     key = "backbone.network.6.4.token_mixer.attention_bias_idxs_seg"
     tampered[key] = tampered[key].flip(0)
-    with pytest.raises(CheckpointMismatchError, match="network.6.4.token_mixer.attention_bias_idxs_seg"):
+    with pytest.raises(ConversionError, match="network.6.4.token_mixer.attention_bias_idxs_seg"):
         convert_official_state_dict(tampered, config)
 
 
@@ -189,16 +190,18 @@ def test_mapping_names_missing_unexpected_and_misshaped_keys(official_t, golden_
     del broken["decode_head.align.gn.weight"]
     broken["decode_head.extra_head.weight"] = torch.zeros(3)
     broken["decode_head.pre.2.conv.weight"] = torch.zeros(65, 120, 1, 1)
-    with pytest.raises(CheckpointMismatchError) as error:
+    with pytest.raises(ConversionError) as error:
         convert_official_state_dict(broken, config, shapes)
     message = str(error.value)
     assert "missing key 'offseg.decoder.align.norm.weight'" in message
     assert "unexpected key 'decode_head.extra_head.weight'" in message
-    assert "wrong shape for 'offseg.decoder.stage_projections.2.conv.weight'" in message
+    # the misshaped tensor by its name in the file, its shape and ours, and the parameter it maps to
+    assert "wrong shape for 'decode_head.pre.2.conv.weight': checkpoint (65, 120, 1, 1), model (64, 120, 1, 1)" in message
+    assert "(→ 'offseg.decoder.stage_projections.2.conv.weight')" in message
 
 
 def test_detect_preset_rejects_other_architectures():
-    with pytest.raises(CheckpointMismatchError, match="not an OffSeg checkpoint"):
+    with pytest.raises(ConversionError, match="not an OffSeg checkpoint"):
         detect_preset({"backbone.layers.0.weight": torch.zeros(1)})
 
 

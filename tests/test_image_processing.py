@@ -1,7 +1,7 @@
 """OffSeg's image processor: transformers' SegformerImageProcessor as :func:`build_image_processor` configures it.
 
 Checked here: the configuration per dataset, the reference normalisation, the keep-ratio resize (Transformers'
-rounding compared with mmcv's, :func:`offseg_hf.inference.rescale_size`), label maps, the bilinear post-processing,
+rounding compared with mmcv's, :func:`offseg_hf.inference.segment.rescale_size`), label maps, the bilinear post-processing,
 saving as a built-in class (no ``auto_map``, no code), and loading folders saved by the old OffSegImageProcessor.
 """
 
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoImageProcessor, SegformerImageProcessor
 
-from offseg_hf.image_processing_offseg import OFFSEG_IMAGE_MEAN, OFFSEG_IMAGE_STD, OffSegImageProcessor, build_image_processor
-from offseg_hf.inference import PROTOCOLS, rescale_size
+from offseg_hf.inference.image_processing_offseg import OFFSEG_IMAGE_MEAN, OFFSEG_IMAGE_STD, OffSegImageProcessor, build_image_processor
+from offseg_hf.inference.segment import PROTOCOLS, rescale_size
 
 pytestmark = pytest.mark.torch_threads(1)
 
@@ -175,7 +175,7 @@ def test_old_offseg_folders_still_load_and_migrate(tmp_path):
 
 
 def test_model_config_only_folder_gets_a_processor(tmp_path):
-    from offseg_hf.configuration_offseg import OffSegConfig
+    from offseg_hf.models.configuration_offseg import OffSegConfig
 
     OffSegConfig.from_preset("offseg-t", num_labels=3).save_pretrained(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 40, "width": 40}}))
@@ -189,7 +189,7 @@ def test_trained_folders_save_the_processor_of_converted_folders(dataset, tmp_pa
     from test_training import tiny_config
 
     from offseg_hf import OffSegForSemanticSegmentation
-    from offseg_hf.training import build_trainer, resolve_config
+    from offseg_hf.training.train import build_trainer, resolve_config
 
     options = {"dataset": dataset, "output_dir": str(tmp_path / "run"), "max_steps": 1, "num_workers": 0,
                "use_cpu": True}

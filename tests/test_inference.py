@@ -1,4 +1,4 @@
-"""offseg_hf.inference: the paper's test protocol against a direct full-tensor implementation of the
+"""offseg_hf.inference.segment: the paper's test protocol against a direct full-tensor implementation of the
 mmsegmentation arithmetic, sliding windows, TTA symmetry, bounded memory."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from PIL import Image
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.image_processing_offseg import build_image_processor
-from offseg_hf.inference import (
+from offseg_hf.inference.image_processing_offseg import build_image_processor
+from offseg_hf.inference.segment import (
     PROTOCOLS,
     SegmentationProtocol,
     _argmax_resized,
@@ -305,8 +305,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import numpy as np, torch, torch.nn.functional as F
 
     from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
-    from offseg_hf.image_processing_offseg import build_image_processor
-    from offseg_hf.inference import segment_image, slide_windows
+    from offseg_hf.inference.image_processing_offseg import build_image_processor
+    from offseg_hf.inference.segment import segment_image, slide_windows
 
     def status(field):
         with open("/proc/self/status") as handle:

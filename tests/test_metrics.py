@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from offseg_hf.metrics import (
+from offseg_hf.evaluation.metrics import (
     LABEL_PAD_VALUE,
     SegmentationMetricsForTrainer,
     StreamingIoU,

@@ -1,4 +1,4 @@
-"""Model cards: rendering from model_cards/TEMPLATE.md, Hub metadata, paper numbers labelled as such."""
+"""Model cards: rendering from offseg_hf/conversion/templates/TEMPLATE.md, Hub metadata, paper numbers labelled as such."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from offseg_hf.model_cards import (
+from offseg_hf.conversion import model_cards
+from offseg_hf.conversion.model_cards import (
     CARD_DATASETS,
     CARD_PRESETS,
     PAPER_RESULTS,
@@ -29,8 +30,8 @@ def cards():
 
 
 def test_committed_cards_are_rendered_from_the_template(cards):
-    """model_cards/<name>.md is exactly what the renderer produces (re-run offseg_hf.model_cards.write_model_cards)."""
-    assert default_template_path() == CARDS_DIR / "TEMPLATE.md"
+    """model_cards/<name>.md is exactly what the renderer produces (re-run offseg_hf.conversion.model_cards.write_model_cards)."""
+    assert default_template_path() == Path(model_cards.__file__).with_name("templates") / "TEMPLATE.md"
     for (preset, dataset), text in cards.items():
         path = CARDS_DIR / f"{card_name(preset, dataset)}.md"
         assert path.is_file(), path
@@ -103,7 +104,7 @@ def test_render_options_and_errors(tmp_path):
 
 
 def test_backbone_card():
-    from offseg_hf.model_cards import render_backbone_card
+    from offseg_hf.conversion.model_cards import render_backbone_card
 
     text = render_backbone_card("s2", model_id="me/eformer-s2", num_parameters=12_151_408, source_checkpoint="eformer_s2_450.pth")
     card = ModelCard(text)

@@ -20,7 +20,7 @@ from offseg_hf import (
     OffSegModel,
     OffsetLearning,
 )
-from offseg_hf.modeling_efficientformer_v2 import EfficientFormerV2RelativePositionBias
+from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2RelativePositionBias
 
 NUM_LABELS = 7
 

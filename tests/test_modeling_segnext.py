@@ -11,7 +11,7 @@ from huggingface_hub.dataclasses import StrictDataclassClassValidationError
 from transformers import AutoBackbone, AutoConfig, AutoModelForSemanticSegmentation
 
 from offseg_hf import MscanBackbone, MscanConfig, SegNextConfig, SegNextForSemanticSegmentation, SegNextNMF2D
-from offseg_hf.offset_learning import OffsetLearning
+from offseg_hf.models.offset_learning import OffsetLearning
 
 pytestmark = pytest.mark.torch_threads(1)
 
@@ -256,7 +256,7 @@ def test_two_processes_give_identical_logits(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys, torch
-        import offseg_hf  # registers SegNeXt
+        import offseg_hf.models  # registers SegNeXt
         from transformers import AutoModelForSemanticSegmentation
         torch.manual_seed(int(sys.argv[1]))  # a different global random state in each process
         torch.rand(int(sys.argv[1]))

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from offseg_hf.data.synthetic import SyntheticScenes, synthetic_class_names, synthetic_palette
-from offseg_hf.visualize import legend_colours, overlay_layout, resolve_palette, save_overlay
+from offseg_hf.inference.visualize import legend_colours, overlay_layout, resolve_palette, save_overlay
 
 HUES = {"red": 0, "orange": 30, "yellow": 60, "lime": 90, "green": 120, "teal": 150, "cyan": 180, "azure": 210,
         "blue": 240, "violet": 270, "purple": 300, "pink": 330}

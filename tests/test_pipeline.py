@@ -1,7 +1,7 @@
 """``pipeline("image-segmentation")`` with OffSeg folders.
 
 * A converted ADE20K folder (the golden OffSeg-T weights of tests/fixtures) loads without the "run the custom
-  code?" prompt, in a fresh interpreter with stdin closed, with ``import offseg_hf`` (``trust_remote_code`` unset)
+  code?" prompt, in a fresh interpreter with stdin closed, with ``import offseg_hf.models`` (``trust_remote_code`` unset)
   and without it (``trust_remote_code=True``, the folder's own code).
 * Its result equals :func:`offseg_hf.segment` (``mode="whole"``, ADE20K protocol) pixel for pixel on a 683×512
   image; for images the keep-ratio resize changes, the network input and the logits are identical (see
@@ -26,7 +26,7 @@ from transformers import SegformerImageProcessor, pipeline
 
 import offseg_hf
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, build_image_processor, segment
-from offseg_hf.inference import rescale_size
+from offseg_hf.inference.segment import rescale_size
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Do you wish to run the custom code"
@@ -65,8 +65,8 @@ def _label_map(annotations, label2id: dict[str, int], image: Image.Image) -> np.
 @pytest.fixture(scope="module")
 def ade20k_folder(fixtures_dir, tmp_path_factory) -> Path:
     """The golden OffSeg-T weights in the official checkpoint layout, converted like ``offseg convert`` does."""
-    from offseg_hf.conversion import convert_checkpoint
-    from offseg_hf.data.tables import get_dataset_info
+    from offseg_hf.conversion.convert import convert_checkpoint
+    from offseg_hf.data.registry import get_dataset_info
 
     root = tmp_path_factory.mktemp("golden")
     checkpoint = root / "offseg-t_ade20k.pth"
@@ -97,7 +97,7 @@ from PIL import Image
 
 folder, image_path, out_path, mode = sys.argv[1:5]
 if mode == "import":
-    import offseg_hf  # registers OffSeg; trust_remote_code stays unset
+    import offseg_hf.models  # registers OffSeg; trust_remote_code stays unset
 import torch
 from transformers import pipeline
 
@@ -140,7 +140,7 @@ def test_pipeline_without_prompt_in_a_fresh_process(mode, ade20k_folder, segment
 def test_the_prompt_check_sees_the_old_auto_map(ade20k_folder, tmp_path):
     """Control for the test above: the same folder with the processor config that offseg-hf 0.1 wrote (class
     OffSegImageProcessor + ``auto_map``) makes Transformers invent an AutoVideoProcessor entry and print the prompt,
-    even with ``import offseg_hf`` (re-saving the processor migrates such folders, see test_image_processing)."""
+    even with ``import offseg_hf.models`` (re-saving the processor migrates such folders, see test_image_processing)."""
     import json
     import shutil
 

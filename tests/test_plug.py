@@ -23,9 +23,9 @@ from transformers import (
 )
 
 from offseg_hf.data.synthetic import SyntheticScenes
-from offseg_hf.modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
-from offseg_hf.offset_learning import OffsetLearning
-from offseg_hf.modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
+from offseg_hf.models.modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
+from offseg_hf.models.offset_learning import OffsetLearning
+from offseg_hf.models.modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
 from offseg_hf.plug import add_offset_learning, offset_learning_overhead
 
 NUM_LABELS = 5
@@ -334,8 +334,8 @@ def test_mask2former_surgery_keeps_pixel_level_module_and_round_trips(tmp_path):
 
 
 def test_benchmark_smoke(tmp_path):
-    """scripts/benchmark_plug.py logic on a tiny SegFormer: both variants share init, data and budget."""
-    from offseg_hf.plug_benchmark import BenchmarkSettings, run_benchmark
+    """benchmarks/plug.py logic on a tiny SegFormer: both variants share init, data and budget."""
+    from benchmarks.plug import BenchmarkSettings, run_benchmark
 
     settings = BenchmarkSettings(
         output_dir=str(tmp_path), steps=2, batch_size=2, image_size=32, num_labels=4, train_samples=8,

@@ -16,10 +16,10 @@ from PIL import Image, ImageOps
 
 from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
 from offseg_hf.cli import main
-from offseg_hf.data.tables import get_dataset_info, palette_array
-from offseg_hf.image_io import load_image, to_rgb
-from offseg_hf.image_processing_offseg import build_image_processor
-from offseg_hf.visualize import deterministic_palette, overlay_layout
+from offseg_hf.data.registry import get_dataset_info, palette_array
+from offseg_hf.inference.image_io import load_image, to_rgb
+from offseg_hf.inference.image_processing_offseg import build_image_processor
+from offseg_hf.inference.visualize import deterministic_palette, overlay_layout
 
 FAST = ["--scale", "128", "64", "--quiet"]  # short side 64: fast on CPU
 CUSTOM_LABELS = ["sky", "tree", "road", "person", "car"]
@@ -277,11 +277,10 @@ def test_directories_duplicates_and_generated_palette(tmp_path, custom_model, ca
     np.testing.assert_array_equal(colours, deterministic_palette(5))
 
 
-def test_all_good_inputs_exit_zero_and_script_wrapper(tmp_path, custom_model, inputs):
+def test_all_good_inputs_exit_zero_through_python_m_offseg_hf(tmp_path, custom_model, inputs):
     out = tmp_path / "out"
-    script = Path(__file__).resolve().parents[1] / "scripts" / "predict.py"
     completed = subprocess.run(
-        [sys.executable, str(script), str(inputs["rgb.png"]), "--model", str(custom_model), "--out", str(out), *FAST],
+        [sys.executable, "-m", "offseg_hf", "predict", str(inputs["rgb.png"]), "--model", str(custom_model), "--out", str(out), *FAST],
         capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]

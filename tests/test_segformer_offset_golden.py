@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offseg_hf.convert import CheckpointMismatchError
-from offseg_hf.convert_segformer import (
+from offseg_hf.conversion.accounting import ConversionError
+from offseg_hf.conversion.segformer import (
     convert_segformer_offset_state_dict,
     is_segformer_offset_state_dict,
     segformer_offset_config_from_state_dict,
     segformer_offset_key,
 )
-from offseg_hf.modeling_segformer_offset import SegformerOffsetForSemanticSegmentation
+from offseg_hf.models.modeling_segformer_offset import SegformerOffsetForSemanticSegmentation
 
 ATOL = 1e-4  # reference runs differ by up to 1.5e-5 between batch-1 and batch-2 evaluation
 
@@ -86,13 +86,13 @@ def test_mismatches_are_named(official):
     broken["decode_head.some_extra.weight"] = torch.zeros(3)
     del broken["decode_head.fusion_conv.bn.running_var"]
     broken["decode_head.offset_learning.mask_norm.weight"] = torch.zeros(7)
-    with pytest.raises(CheckpointMismatchError) as error:
+    with pytest.raises(ConversionError) as error:
         convert_segformer_offset_state_dict(broken)
     message = str(error.value)
     assert "decode_head.some_extra.weight" in message
     assert "decode_head.batch_norm.running_var" in message
     assert "decode_head.offset_learning.mask_norm.weight" in message
-    with pytest.raises(CheckpointMismatchError, match="not a SegFormer"):
+    with pytest.raises(ConversionError, match="not a SegFormer"):
         convert_segformer_offset_state_dict({"backbone.patch_embed.0.weight": torch.zeros(1)})
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from offseg_hf.benchmark import build_model, count_macs
+from benchmarks.models import build_model, count_macs
 
 NAMES = ["segnext-t", "segnext-s", "segnext-b", "segnext-l", "segnext-t-offset", "segnext-s-offset", "segnext-b-offset"]
 

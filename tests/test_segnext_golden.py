@@ -7,16 +7,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from offseg_hf.configuration_segnext import SegNextConfig
-from offseg_hf.convert import CheckpointMismatchError
-from offseg_hf.convert_segnext import (
+from offseg_hf.models.configuration_segnext import SegNextConfig
+from offseg_hf.conversion.accounting import ConversionError
+from offseg_hf.conversion.segnext import (
     convert_segnext_state_dict,
     is_segnext_state_dict,
     preset_name,
     segnext_config_from_state_dict,
     segnext_key,
 )
-from offseg_hf.modeling_segnext import SegNextForSemanticSegmentation, SegNextNMF2D
+from offseg_hf.models.modeling_segnext import SegNextForSemanticSegmentation, SegNextNMF2D
 
 ATOL = 1e-4  # the reference's own 1- vs 2-thread runs differ by up to 6e-6
 BACKBONE_ATOL = 2e-5
@@ -165,7 +165,7 @@ def test_mismatches_are_named(fixtures_dir):
     broken["decode_head.hamburger.ham_in.conv.weights"] = broken.pop("decode_head.hamburger.ham_in.conv.weight")
     broken["backbone.norm4.bias"] = torch.zeros(7)
     del broken["backbone.block2.1.mlp.dwconv.bias"]
-    with pytest.raises(CheckpointMismatchError) as error:
+    with pytest.raises(ConversionError) as error:
         convert_segnext_state_dict(broken)
     message = str(error.value)
     assert "decode_head.hamburger.ham_in.conv.weights" in message  # the renamed key, by its reference name

@@ -3,15 +3,12 @@
 import numpy as np
 import pytest
 
+from offseg_hf.data.registry import DATASET_NAMES, dataset_for_num_labels, get_dataset_info, palette_array
 from offseg_hf.data.tables import (
     CITYSCAPES_LABEL_ID_TO_TRAIN_ID,
     COCO_STUFF_ID_TO_TRAIN_ID,
-    DATASET_NAMES,
     DatasetInfo,
-    dataset_for_num_labels,
-    get_dataset_info,
     lookup_table,
-    palette_array,
 )
 
 EXPECTED = {

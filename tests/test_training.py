@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from offseg_hf import EfficientFormerV2Config, OffSegConfig, OffSegForSemanticSegmentation
-from offseg_hf.training import (
+from offseg_hf.training.train import (
     RECIPES,
     build_model,
     build_param_groups,
@@ -83,7 +83,7 @@ def test_warmup_poly_values():
 
 def test_trainer_learning_rates_at_chosen_steps(tiny_model_dir, tmp_path):
     """The real optimiser + scheduler of the Trainer: group lrs after 0, warm-up/2, warm-up and the end."""
-    from offseg_hf.training import build_trainer
+    from offseg_hf.training.train import build_trainer
 
     config = resolve_config({"dataset": "synthetic", "model": str(tiny_model_dir), "output_dir": str(tmp_path),
                              "max_steps": 20, "warmup_steps": 4, "num_labels": 4, "image_size": 32,
@@ -154,11 +154,11 @@ def _losses(output_dir: Path) -> dict[int, float]:
 def test_resume_after_kill_continues_identically(tiny_model_dir, tmp_path):
     steps = 6
     reference = tmp_path / "reference"
-    subprocess.run([sys.executable, "scripts/train.py", *_train_command(tiny_model_dir, reference, steps,
+    subprocess.run([sys.executable, "-m", "offseg_hf", "train", *_train_command(tiny_model_dir, reference, steps,
                     "--eval-steps", "3")], cwd=REPO, env=_env(), check=True, capture_output=True)
     # a run killed once its step-3 checkpoint is complete
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "scripts/train.py", *_train_command(tiny_model_dir, killed, steps,
+    process = subprocess.Popen([sys.executable, "-m", "offseg_hf", "train", *_train_command(tiny_model_dir, killed, steps,
                                 "--eval-steps", "3")], cwd=REPO, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "checkpoint-3" / "trainer_state.json"
@@ -173,7 +173,7 @@ def test_resume_after_kill_continues_identically(tiny_model_dir, tmp_path):
             import shutil
 
             shutil.rmtree(killed / later)
-    result = subprocess.run([sys.executable, "scripts/train.py", *_train_command(tiny_model_dir, killed, steps,
+    result = subprocess.run([sys.executable, "-m", "offseg_hf", "train", *_train_command(tiny_model_dir, killed, steps,
                              "--eval-steps", "3", "--resume")], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {killed / 'checkpoint-3'}" in result.stderr
@@ -202,7 +202,7 @@ def test_two_cpu_processes_train_with_the_requested_global_batch(tiny_model_dir,
     per-device batch it used (run_info.json, trainer_state.json): 2 × 2 = the requested global batch of 4."""
     output = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "scripts/train.py",
+               str(_free_port()), "-m", "offseg_hf", "train",
                *_train_command(tiny_model_dir, output, 3, "--eval-steps", "3", "--eval-samples", "3",
                                "--global-batch-size", "4")]
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
@@ -220,7 +220,7 @@ def test_two_cpu_processes_train_with_the_requested_global_batch(tiny_model_dir,
     # the distributed evaluation (3 images over 2 processes, batches of 2: padded, gathered, truncated)
     # equals a single-process evaluation of the saved model
     from offseg_hf.data.loading import load_segmentation_dataset
-    from offseg_hf.evaluation import evaluate_model, protocol_for
+    from offseg_hf.evaluation.evaluate import evaluate_model, protocol_for
     from transformers import AutoImageProcessor
 
     model = OffSegForSemanticSegmentation.from_pretrained(output).eval()
@@ -263,7 +263,7 @@ FLAGS_RUN = ["--dataset", "ade20k", "--model", "offseg-b", "--classifier", "per-
 
 
 def test_yaml_config_and_equivalent_flags_give_identical_training_arguments(tmp_path):
-    from offseg_hf.training import OffSegTrainingArguments, parse_train_argv
+    from offseg_hf.training.train import OffSegTrainingArguments, parse_train_argv
 
     file = tmp_path / "run.yaml"
     file.write_text(YAML_RUN)
@@ -322,12 +322,12 @@ def test_train_help_lists_every_field_with_its_default():
     import dataclasses
 
     from offseg_hf.cli import build_parser
-    from offseg_hf.commands.train import SPEC
-    from offseg_hf.training import DataArguments, ModelArguments, OffSegTrainingArguments, cli_spec
+    from offseg_hf.cli.train import SPEC
+    from offseg_hf.training.train import DataArguments, ModelArguments, OffSegTrainingArguments, cli_spec
 
     assert json.loads(SPEC.read_text()) == cli_spec(), (
-        "offseg_hf/commands/train_options.json is out of date: run "
-        "python -c 'from offseg_hf.training import write_cli_spec; write_cli_spec()'")
+        "offseg_hf/cli/train_options.json is out of date: run "
+        "python -c 'from offseg_hf.training.train import write_cli_spec; write_cli_spec()'")
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     train = subparsers.choices["train"]
@@ -359,7 +359,7 @@ def test_transformers_polynomial_schedule_does_not_reproduce_the_warm_up():
 
 
 def test_an_explicit_transformers_schedule_replaces_the_recipe_one(tiny_model_dir, tmp_path):
-    from offseg_hf.training import build_trainer
+    from offseg_hf.training.train import build_trainer
 
     config = resolve_config({"dataset": "synthetic", "model": str(tiny_model_dir), "output_dir": str(tmp_path),
                              "max_steps": 20, "warmup_steps": 4, "num_labels": 4, "image_size": 32,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from offseg_hf import SegNextConfig, SegNextForSemanticSegmentation
-from offseg_hf.training import build_model, build_param_groups, resolve_config
+from offseg_hf.training.train import build_model, build_param_groups, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_model_factory_presets(tmp_path):
 
 def _train(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "offseg_hf.cli", "train", "--model", "segnext-t-offset", "--dataset", "synthetic",
+        sys.executable, "-m", "offseg_hf", "train", "--model", "segnext-t-offset", "--dataset", "synthetic",
         "--output-dir", str(output_dir), "--max-steps", "4", "--save-steps", "2", "--eval-steps", "2",
         "--global-batch-size", "2", "--num-labels", "4", "--image-size", "64", "--crop-size", "64",
         "--train-scale", "64", "64", "--train-samples", "8", "--eval-samples", "2", "--eval-batch-size", "2",
@@ -84,7 +84,7 @@ def test_train_resume_evaluate_predict(tmp_path):
 
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     evaluate = subprocess.run(
-        [sys.executable, "-m", "offseg_hf.cli", "evaluate", "--model", str(resumed), "--dataset", "synthetic",
+        [sys.executable, "-m", "offseg_hf", "evaluate", "--model", str(resumed), "--dataset", "synthetic",
          "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
@@ -95,7 +95,7 @@ def test_train_resume_evaluate_predict(tmp_path):
     assert report["mIoU"] == pytest.approx(final["eval_mIoU"], abs=1e-6)
     sample = resumed / "samples" / "val_000.png"
     predict = subprocess.run(
-        [sys.executable, "-m", "offseg_hf.cli", "predict", str(sample), "--model", str(resumed), "--out",
+        [sys.executable, "-m", "offseg_hf", "predict", str(sample), "--model", str(resumed), "--out",
          str(tmp_path / "predictions"), "--device", "cpu", "--quiet"], cwd=REPO, env=env, capture_output=True,
         text=True, timeout=600,
     )

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from offseg_hf.data.loading import LabelMapping, canonical_split, first_existing, paired_file_dataset, sorted_files
+from offseg_hf.data.files import canonical_split, first_existing, paired_file_dataset, sorted_files
+from offseg_hf.data.registry import get_dataset
 
 __all__ = ["load_ade20k"]
 
@@ -39,4 +40,4 @@ def load_ade20k(data_dir: str | Path, split: str = "train"):
     images = sorted_files(root / "images" / folder, "*.jpg")
     # an image without its annotation is reported by name when read, and by the dataset check (offseg check-data)
     labels = [root / "annotations" / folder / f"{image.stem}.png" for image in images]
-    return paired_file_dataset(images, labels, LabelMapping.reduce_labels(150), split)
+    return paired_file_dataset(images, labels, get_dataset("ade20k").label_mapping(), split)

@@ -15,18 +15,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from offseg_hf.data.loading import LabelMapping, canonical_split, paired_file_dataset, sorted_files
+from offseg_hf.data.files import LabelMapping, canonical_split, paired_file_dataset, sorted_files
+from offseg_hf.data.registry import get_dataset
 
-__all__ = ["cityscapes_mapping", "load_cityscapes"]
+__all__ = ["load_cityscapes"]
 
+_SPEC = get_dataset("cityscapes")
 _SPLIT_FOLDERS = {"train": "train", "validation": "val", "test": "test"}
-
-
-def cityscapes_mapping() -> LabelMapping:
-    """``labelId`` (0..33, and -1 stored as 255) → ``trainId`` (0..18, 255)."""
-    from offseg_hf.data.tables import CITYSCAPES_LABEL_ID_TO_TRAIN_ID
-
-    return LabelMapping.from_table(CITYSCAPES_LABEL_ID_TO_TRAIN_ID, "Cityscapes labelIds 0..33")
 
 
 def load_cityscapes(data_dir: str | Path, split: str = "train"):
@@ -46,5 +41,5 @@ def load_cityscapes(data_dir: str | Path, split: str = "train"):
         train_ids.append(Path(f"{base}_labelTrainIds.png"))
         label_ids.append(Path(f"{base}_labelIds.png"))
     if all(path.is_file() for path in train_ids):
-        return paired_file_dataset(images, train_ids, LabelMapping.identity(19), split)
-    return paired_file_dataset(images, label_ids, cityscapes_mapping(), split)
+        return paired_file_dataset(images, train_ids, LabelMapping.identity(_SPEC.num_labels), split)
+    return paired_file_dataset(images, label_ids, _SPEC.label_mapping(), split)

@@ -16,18 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from offseg_hf.data.loading import LabelMapping, canonical_split, first_existing, paired_file_dataset, sorted_files
+from offseg_hf.data.files import LabelMapping, canonical_split, first_existing, paired_file_dataset, sorted_files
+from offseg_hf.data.registry import get_dataset
 
-__all__ = ["coco_stuff_mapping", "load_coco_stuff"]
+__all__ = ["load_coco_stuff"]
 
+_SPEC = get_dataset("coco-stuff")
 _SPLIT_FOLDERS = {"train": "train2017", "validation": "val2017"}
-
-
-def coco_stuff_mapping() -> LabelMapping:
-    """Raw stuffthingmap ids (0..181, 255) → train ids (0..170, 255)."""
-    from offseg_hf.data.tables import COCO_STUFF_ID_TO_TRAIN_ID
-
-    return LabelMapping.from_table(COCO_STUFF_ID_TO_TRAIN_ID, "COCO-Stuff-164k raw ids 0..181")
 
 
 def load_coco_stuff(data_dir: str | Path, split: str = "train"):
@@ -51,5 +46,5 @@ def load_coco_stuff(data_dir: str | Path, split: str = "train"):
     converted = [label_dir / f"{image.stem}_labelTrainIds.png" for image in images]
     raw = [label_dir / f"{image.stem}.png" for image in images]
     if all(path.is_file() for path in converted):
-        return paired_file_dataset(images, converted, LabelMapping.identity(171), split)
-    return paired_file_dataset(images, raw, coco_stuff_mapping(), split)
+        return paired_file_dataset(images, converted, LabelMapping.identity(_SPEC.num_labels), split)
+    return paired_file_dataset(images, raw, _SPEC.label_mapping(), split)

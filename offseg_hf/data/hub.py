@@ -25,56 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from offseg_hf.data.loading import LabelMapping, canonical_split
+from offseg_hf.data.files import LabelMapping, canonical_split, label_mapping_for
+from offseg_hf.data.registry import DATASETS, get_dataset
 
-__all__ = ["KNOWN_HUB_DATASETS", "LABEL_FORMATS", "label_mapping_for", "load_hub_dataset"]
+__all__ = ["KNOWN_HUB_DATASETS", "load_hub_dataset"]
 
+# hub id -> its benchmark, columns, revision and split names (from each dataset's spec)
 KNOWN_HUB_DATASETS: dict[str, dict[str, Any]] = {
-    "zhoubolei/scene_parse_150": {
-        "dataset": "ade20k",
-        "revision": "refs/convert/parquet",
-        "config_name": "scene_parsing",
-        "image_column": "image",
-        "label_column": "annotation",
-        "label_format": "reduce",
-        "splits": {"train": "train", "validation": "validation", "test": "test"},
-    },
-    "GATE-engine/COCOStuff164K": {
-        "dataset": "coco-stuff",
-        "revision": None,
-        "config_name": None,
-        "image_column": "image",
-        "label_column": "mask",
-        "label_format": "coco-stuff-raw",
-        "splits": {"train": "train", "validation": "val"},
-    },
+    hub_id: {"dataset": spec.name, **settings} for spec in DATASETS.values() for hub_id, settings in spec.hub_datasets.items()
 }
-
-LABEL_FORMATS = ("train-ids", "reduce", "coco-stuff-raw", "cityscapes-label-ids")
-
-_DEFAULT_FORMAT = {
-    "ade20k": "reduce",
-    "pascal-context": "reduce",
-    "coco-stuff": "coco-stuff-raw",
-    "cityscapes": "cityscapes-label-ids",
-}
-
-
-def label_mapping_for(label_format: str, num_labels: int) -> LabelMapping:
-    """The :class:`LabelMapping` of a ``label_format`` (one of :data:`LABEL_FORMATS`)."""
-    if label_format == "train-ids":
-        return LabelMapping.identity(num_labels)
-    if label_format == "reduce":
-        return LabelMapping.reduce_labels(num_labels)
-    if label_format == "coco-stuff-raw":
-        from offseg_hf.data.coco_stuff import coco_stuff_mapping
-
-        return coco_stuff_mapping()
-    if label_format == "cityscapes-label-ids":
-        from offseg_hf.data.cityscapes import cityscapes_mapping
-
-        return cityscapes_mapping()
-    raise ValueError(f"unknown label_format {label_format!r}; choose one of {', '.join(LABEL_FORMATS)}")
 
 
 def canonicalize_row(row: dict, index: int, image_column: str, label_column: str, mapping: LabelMapping, source: str):
@@ -124,16 +83,15 @@ def load_hub_dataset(
     """
     import datasets
 
-    from offseg_hf.data.tables import get_dataset_info
-
     known = KNOWN_HUB_DATASETS.get(hub_id, {})
     name = dataset or known.get("dataset")
     if name is None:
         raise ValueError(f"Hub dataset {hub_id!r} is not a known one: say which benchmark it is (dataset=...)")
-    info = get_dataset_info(name)
+    spec = get_dataset(name)
+    info = spec.info
     image_column = image_column or known.get("image_column", "image")
     label_column = label_column or known.get("label_column", "label")
-    label_format = label_format or known.get("label_format") or _DEFAULT_FORMAT[info.name]
+    label_format = label_format or known.get("label_format") or spec.label_format
     revision = revision if revision is not None else known.get("revision")
     config_name = config_name if config_name is not None else known.get("config_name")
     split = canonical_split(split)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from offseg_hf.data.loading import LabelMapping, canonical_split, first_existing, paired_file_dataset
+from offseg_hf.data.files import canonical_split, first_existing, paired_file_dataset
+from offseg_hf.data.registry import get_dataset
 
 __all__ = ["load_pascal_context"]
 
@@ -39,4 +40,4 @@ def load_pascal_context(data_dir: str | Path, split: str = "train"):
     images = [root / "JPEGImages" / f"{name}.jpg" for name in ids]
     labels = [root / "SegmentationClassContext" / f"{name}.png" for name in ids]
     # missing images / annotations are reported by name when read and by the dataset check
-    return paired_file_dataset(images, labels, LabelMapping.reduce_labels(59), split)
+    return paired_file_dataset(images, labels, get_dataset("pascal-context").label_mapping(), split)

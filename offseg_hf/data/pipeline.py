@@ -116,7 +116,7 @@ class SegmentationCollator:
     """
 
     def __init__(self, num_labels: int, ignore_index: int, dataset_ignore_index: int | None = None):
-        from offseg_hf.data.loading import IGNORE_INDEX
+        from offseg_hf.data.files import IGNORE_INDEX
 
         self.num_labels = int(num_labels)
         self.ignore_index = int(ignore_index)

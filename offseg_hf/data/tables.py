@@ -1,4 +1,5 @@
-"""Label tables of the four OffSeg benchmarks: class names, palettes and raw-id remappings.
+"""Label tables of the four OffSeg benchmarks: class names, palettes and raw-id remappings (data of the
+registry, :mod:`offseg_hf.data.registry`, which resolves names and aliases).
 
 The tables live as JSON data next to this module (``offseg_hf/data/tables/*.json``) and were
 generated from the dataset classes of mmsegmentation 1.2.2, the codebase the OffSeg paper trains
@@ -43,32 +44,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "CITYSCAPES_LABEL_ID_TO_TRAIN_ID",
     "COCO_STUFF_ID_TO_TRAIN_ID",
-    "DATASET_NAMES",
     "DatasetInfo",
-    "dataset_for_num_labels",
-    "get_dataset_info",
+    "load_dataset_info",
     "lookup_table",
-    "palette_array",
 ]
 
 _TABLE_DIR = Path(__file__).with_name("tables")
-
-DATASET_NAMES: tuple[str, ...] = ("ade20k", "coco-stuff", "cityscapes", "pascal-context")
-
-# alias (lower-case, '-' / '_' / ' ' removed) -> canonical name
-_ALIASES = {
-    "ade20k": "ade20k",
-    "ade": "ade20k",
-    "ade150": "ade20k",
-    "adechallengedata2016": "ade20k",
-    "cocostuff": "coco-stuff",
-    "cocostuff164k": "coco-stuff",
-    "stuff164k": "coco-stuff",
-    "cityscapes": "cityscapes",
-    "pascalcontext": "pascal-context",
-    "pascalcontext59": "pascal-context",
-    "context59": "pascal-context",
-}
 
 
 @dataclass(frozen=True)
@@ -76,7 +57,7 @@ class DatasetInfo:
     """Class names, colours and label conventions of one benchmark.
 
     Attributes:
-        name: canonical dataset name, one of :data:`DATASET_NAMES`.
+        name: canonical dataset name (:data:`offseg_hf.data.registry.DATASET_NAMES`).
         class_names: ``num_labels`` names; index ``i`` is logit channel ``i``.
         palette: one ``(R, G, B)`` colour (0..255) per class, mmsegmentation's visualisation colours.
         ignore_index: label value excluded from loss and metrics.
@@ -112,13 +93,6 @@ class DatasetInfo:
         return {name: index for index, name in enumerate(self.class_names)}
 
 
-def _canonical(name: str) -> str:
-    key = "".join(ch for ch in name.lower() if ch not in "-_ ")
-    if key not in _ALIASES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
-    return _ALIASES[key]
-
-
 @cache
 def _load(name: str) -> dict:
     path = _TABLE_DIR / f"{name}.json"
@@ -126,43 +100,18 @@ def _load(name: str) -> dict:
         return json.load(handle)
 
 
-def get_dataset_info(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` of a benchmark.
-
-    Args:
-        name: ``"ade20k"``, ``"coco-stuff"``, ``"cityscapes"`` or ``"pascal-context"``; case and the
-            separators ``-``/``_``/space are ignored, and aliases such as ``"ade"``, ``"cocostuff"``,
-            ``"coco_stuff164k"``, ``"pascal_context_59"`` are accepted.
-
-    Raises:
-        ValueError: unknown name (the message lists the choices).
-    """
-    canonical = _canonical(name)
-    data = _load(canonical)
+@cache
+def load_dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``tables/<name>.json`` (a canonical name; aliases and the list of benchmarks
+    are the registry's: :func:`offseg_hf.data.registry.get_dataset_info`)."""
+    data = _load(name)
     return DatasetInfo(
-        name=canonical,
+        name=name,
         class_names=tuple(data["class_names"]),
         palette=tuple(tuple(int(v) for v in colour) for colour in data["palette"]),
         ignore_index=int(data["ignore_index"]),
         reduce_labels=bool(data["reduce_labels"]),
     )
-
-
-def dataset_for_num_labels(num_labels: int) -> DatasetInfo | None:
-    """The benchmark with ``num_labels`` classes (150, 171, 19, 59), or ``None`` if there is none."""
-    for name in DATASET_NAMES:
-        if len(_load(name)["class_names"]) == num_labels:
-            return get_dataset_info(name)
-    return None
-
-
-def palette_array(info: DatasetInfo | str) -> "np.ndarray":
-    """The palette as a ``uint8`` array of shape ``(num_labels, 3)`` (RGB), for ``palette[label_map]``."""
-    import numpy as np
-
-    if isinstance(info, str):
-        info = get_dataset_info(info)
-    return np.asarray(info.palette, dtype=np.uint8).reshape(info.num_labels, 3)
 
 
 def lookup_table(mapping: Mapping[int, int], fill: int = 255) -> "np.ndarray":

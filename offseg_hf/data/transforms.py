@@ -36,7 +36,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from offseg_hf.data.loading import IGNORE_INDEX  # the label tables' ignore value
+from offseg_hf.data.files import IGNORE_INDEX  # the label tables' ignore value
 
 # ImageNet statistics on 0-255 RGB (the reference configs'; image_processing_offseg divides them by 255).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)

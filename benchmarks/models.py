@@ -1,0 +1,526 @@
+"""Parameters, multiply-accumulates (MACs) and CPU latency of OffSeg and SegNeXt next to Transformers' SegFormer.
+
+MACs are counted two ways (input 1×3×512×512 in the paper):
+
+* ``conv``: convolutions only — the convention that reproduces the paper's "FLOPs" (5.3/10.3/17.1 G for
+  OffSeg-T/B/L);
+* ``total``: convolutions + matrix products (attention, offset learning, linear layers) + CARAFE, i.e. every
+  multiply-add of a matmul-like op (elementwise ops, norms, softmax and resampling are not counted).
+
+Counting uses :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per MAC for conv/matmul ops);
+CARAFE is a loop of elementwise multiply-adds that the counter does not see, so its MACs
+(output elements × k²) are added from the shapes each :class:`OffSegFreqFusion` sees.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from offseg_hf.models.modeling_efficientformer_v2 import fold_batch_norm
+from offseg_hf.models.modeling_offseg import OffSegFreqFusion
+
+_CONV_OPS = {"convolution", "_convolution", "conv2d", "mkldnn_convolution"}
+_MATMUL_OPS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
+
+
+@dataclass
+class MacCount:
+    """Multiply-accumulates of one forward pass, by kind."""
+
+    conv: int
+    matmul: int
+    carafe: int
+
+    @property
+    def total(self) -> int:
+        return self.conv + self.matmul + self.carafe
+
+
+def freqfusion_carafe_macs(fusion: OffSegFreqFusion, hr_shape: torch.Size, lr_channels: int) -> int:
+    """MACs of the five CARAFE calls of one fusion with a high-res input of shape `(B, C_hr, H, W)`."""
+    batch, hr_channels, height, width = hr_shape
+    compressed = fusion.hr_channel_compressor.out_channels
+    low, high = fusion.lowpass_kernel**2, fusion.highpass_kernel**2
+    per_pixel = (
+        compressed * high  # AHPF on the compressed high-res map
+        + low * low  # low-pass kernels of the low-res branch, upsampled
+        + high * low  # high-pass kernels of the low-res branch, upsampled
+        + lr_channels * low  # the feature upsampling itself
+        + hr_channels * high  # AHPF on the high-res feature
+    )
+    return batch * height * width * per_pixel
+
+
+def count_macs(model: nn.Module, pixel_values: torch.Tensor) -> MacCount:
+    """Count the MACs of ``model(pixel_values)`` (eval mode, no gradients)."""
+    carafe = 0
+
+    def on_fusion(module, inputs, output):
+        nonlocal carafe
+        hr_features, lr_features = inputs
+        carafe += freqfusion_carafe_macs(module, hr_features.shape, lr_features.shape[1])
+
+    hooks = [m.register_forward_hook(on_fusion) for m in model.modules() if isinstance(m, OffSegFreqFusion)]
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(pixel_values)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    counts = counter.get_flop_counts()
+    conv = matmul = 0
+    for op, flops in counts["Global"].items():
+        name = getattr(op, "__name__", str(op)).split(".")[0]
+        if name in _CONV_OPS:
+            conv += flops // 2
+        elif name in _MATMUL_OPS:
+            matmul += flops // 2
+        else:
+            raise RuntimeError(f"unclassified counted op {op}: extend benchmark._CONV_OPS/_MATMUL_OPS")
+    # CARAFE runs as batched products (which also cover the zero margins of its layout): inside a fusion they
+    # are the only ones, so take them out of ``matmul``; ``carafe`` holds their exact count from the shapes.
+    fusion_paths = [path for path in counts if path.split(".")[-1].isdigit() and ".fusions." in path]
+    for path in fusion_paths:
+        for op, flops in counts[path].items():
+            if getattr(op, "__name__", str(op)).split(".")[0] in _MATMUL_OPS:
+                matmul -= flops // 2
+    return MacCount(conv=conv, matmul=matmul, carafe=carafe)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+class _OperatorCounter(TorchDispatchMode):
+    """Counts the aten operators that run (below autograd, so each op once, composites by their parts); views,
+    which move no data, are left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(function: Callable[[torch.Tensor], object], pixel_values: torch.Tensor) -> int:
+    """Number of non-view aten operators one call of ``function(pixel_values)`` runs (no gradients)."""
+    counter = _OperatorCounter()
+    with torch.no_grad(), counter:
+        function(pixel_values)
+    return counter.count
+
+
+class Timer:
+    """Wall-clock seconds of a call: ``perf_counter`` on the CPU, CUDA events (after a synchronise) on a GPU."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    def __call__(self, function: Callable[[], object]) -> float:
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            function()
+            return time.perf_counter() - start
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(self.device)
+        start.record()
+        function()
+        end.record()
+        torch.cuda.synchronize(self.device)
+        return start.elapsed_time(end) / 1000
+
+
+def interleaved_times(
+    calls: dict[str, Callable[[], object]], runs: int, warmup: int, timer: Timer | None = None
+) -> dict[str, list[float]]:
+    """Seconds of each call, measured round-robin (``runs`` rounds after ``warmup``) so that every model sees
+    the same machine state; ratios are taken pairwise within a round."""
+    timer = timer or Timer()
+    for _ in range(warmup):
+        for function in calls.values():
+            function()
+    times = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, function in calls.items():
+            times[name].append(timer(function))
+    return times
+
+
+def median_ratio(times: list[float], baseline: list[float]) -> float:
+    """Median over rounds of ``times[i] / baseline[i]`` (robust to a machine whose load changes between rounds)."""
+    return statistics.median(t / b for t, b in zip(times, baseline))
+
+
+def measure_latency(
+    function: Callable[[torch.Tensor], object], pixel_values: torch.Tensor, warmup: int = 2, runs: int = 5
+) -> list[float]:
+    """Wall-clock seconds of ``runs`` calls of ``function(pixel_values)`` after ``warmup`` calls."""
+    with torch.inference_mode():
+        return interleaved_times({"model": lambda: function(pixel_values)}, runs, warmup)["model"]
+
+
+def training_step(model: nn.Module, batch_size: int = 2, size: int = 512, num_labels: int = 150, device="cpu"):
+    """A closure running one AdamW step (forward with labels, backward, update) on fixed random data."""
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator).to(device)
+    labels = torch.randint(0, num_labels, (batch_size, size, size), generator=generator).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # the training recipe's optimiser
+    model.train()
+
+    def step():
+        loss = model(pixel_values=pixel_values, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _resident_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process from /proc, in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_memory_worker(name: str, workload: str, size: int, num_labels: int, threads: int | None, queue) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    model = build_model(name, num_labels)
+    if workload == "inference":
+        model = prepare_for_inference(model)
+        pixel_values = torch.randn(1, 3, size, size)
+        run = lambda: model(pixel_values)  # noqa: E731
+    else:
+        run = training_step(model, size=size, num_labels=num_labels)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets the peak (VmHWM) to the current resident size
+    before = _resident_mib("VmRSS")
+    with torch.inference_mode(workload == "inference"):
+        run()
+    queue.put(_resident_mib("VmHWM") - before)
+
+
+def peak_memory_mib(name: str, workload: str, size: int = 512, num_labels: int = 150, threads: int | None = 2) -> float:
+    """Peak resident memory (MiB) a fresh process adds for one ``workload`` ("inference", batch 1, or "training":
+    one AdamW step, batch 2, gradients and optimiser state included) over what the built model already holds.
+
+    CPU tensors have no allocator statistics, so this reads Linux's resident high-water mark (``VmHWM``, reset
+    just before the workload) in a spawned process per measurement, so that no other model's peak hides it.
+    """
+    import multiprocessing
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise RuntimeError("peak memory needs Linux's /proc/self/clear_refs (resettable peak resident size)")
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_peak_memory_worker, args=(name, workload, size, num_labels, threads, queue))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"peak-memory measurement of {name} ({workload}) failed with exit code {process.exitcode}")
+    return queue.get()
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Eval mode with EfficientFormerV2's BatchNorms folded into their convolutions, as ``offseg predict`` runs."""
+    model.eval()
+    fold_batch_norm(model)
+    return model
+
+
+SEGFORMER_VARIANTS = {
+    # (hidden_sizes, depths, num_attention_heads, decoder_hidden_size), as in nvidia/mit-b{0,1,2}.
+    "segformer-b0": ([32, 64, 160, 256], [2, 2, 2, 2], [1, 2, 5, 8], 256),
+    "segformer-b1": ([64, 128, 320, 512], [2, 2, 2, 2], [1, 2, 5, 8], 256),
+    "segformer-b2": ([64, 128, 320, 512], [3, 4, 6, 3], [1, 2, 5, 8], 768),
+}
+
+
+def build_model(name: str, num_labels: int = 150) -> nn.Module:
+    """Randomly initialised ``offseg-{t,b,l}``, ``segnext-{t,s,b,l}[-offset]`` or transformers' ``segformer-b{0,1,2}``
+    in eval mode; a model folder (any this package can make) is loaded by :func:`offseg_hf.inference.predict.load_model`."""
+    from pathlib import Path
+
+    if Path(name).expanduser().is_dir():
+        from offseg_hf.inference.predict import load_model
+
+        return load_model(name, device="cpu", fold_batch_norm=False)[0]  # folded by prepare_for_inference
+    if name.startswith("segnext"):
+        from offseg_hf.models.configuration_segnext import SegNextConfig
+        from offseg_hf.models.modeling_segnext import SegNextForSemanticSegmentation
+
+        return SegNextForSemanticSegmentation(SegNextConfig.from_preset(name, num_labels=num_labels)).eval()
+    if name.startswith("offseg"):
+        from offseg_hf.models.configuration_offseg import OffSegConfig
+        from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
+
+        return OffSegForSemanticSegmentation(OffSegConfig.from_preset(name, num_labels=num_labels)).eval()
+    if name in SEGFORMER_VARIANTS:
+        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+        hidden, depths, heads, decoder = SEGFORMER_VARIANTS[name]
+        config = SegformerConfig(
+            hidden_sizes=hidden, depths=depths, num_attention_heads=heads, decoder_hidden_size=decoder,
+            num_labels=num_labels,
+        )
+        return SegformerForSemanticSegmentation(config).eval()
+    raise ValueError(
+        f"unknown model {name!r}; choose offseg-t/b/l, segnext-t/s/b/l[-offset] or one of {sorted(SEGFORMER_VARIANTS)}"
+    )
+
+
+@dataclass
+class BenchmarkRow:
+    """One model's figures; ratios are pairwise medians against the baseline model of the same run."""
+
+    name: str
+    parameters: int
+    macs: MacCount
+    operators: int
+    latencies: list[float]
+    latency_ratio: float = 1.0
+    compiled_latencies: list[float] | None = None
+    compiled_ratio: float | None = None
+    compiled_max_diff: float | None = None
+    train_times: list[float] | None = None
+    train_ratio: float | None = None
+    train_batch: int = 2
+    peak_train_mib: float | None = None
+    peak_inference_mib: float | None = None
+
+    @property
+    def median_latency(self) -> float:
+        return statistics.median(self.latencies)
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.train_batch / statistics.median(self.train_times) if self.train_times else None
+
+
+def run_benchmark(
+    names: list[str],
+    size: int = 512,
+    runs: int = 5,
+    warmup: int = 2,
+    threads: int | None = 2,
+    num_labels: int = 150,
+    baseline: str = "segformer-b0",
+    train_runs: int = 0,
+    compile: bool = False,
+    memory: bool = False,
+) -> list[BenchmarkRow]:
+    """Benchmark the models in one process on a `1×3×size×size` input, interleaved round by round.
+
+    Inference runs the models as ``offseg predict`` does (eval, BatchNorm folded). ``train_runs`` > 0 adds one
+    AdamW step at batch 2 per round; ``compile`` adds ``torch.compile`` (inductor) inference; ``memory`` adds
+    the peak memory of a training step and of inference, each in a fresh process.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    # Randomly initialised weights (e.g. EfficientFormerV2's 1e-5 layer scales) produce subnormal floats that
+    # slow x86 CPUs down by up to 20x; trained weights do not. Flush them to zero for every model alike.
+    torch.set_flush_denormal(True)
+    if baseline not in names:
+        names = [baseline, *names]
+    pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    models = {name: build_model(name, num_labels) for name in names}
+    parameters = {name: count_parameters(model) for name, model in models.items()}  # before folding
+    models = {name: prepare_for_inference(model) for name, model in models.items()}
+    rows = {
+        name: BenchmarkRow(
+            name=name,
+            parameters=parameters[name],
+            macs=count_macs(model, pixel_values),
+            operators=count_operators(model, pixel_values),
+            latencies=[],
+        )
+        for name, model in models.items()
+    }
+    with torch.inference_mode():
+        times = interleaved_times({n: (lambda m=m: m(pixel_values)) for n, m in models.items()}, runs, warmup)
+    for name, row in rows.items():
+        row.latencies = times[name]
+        row.latency_ratio = median_ratio(times[name], times[baseline])
+    if compile:
+        compiled = {name: torch.compile(model) for name, model in models.items()}
+        with torch.inference_mode():
+            for name, function in compiled.items():
+                rows[name].compiled_max_diff = (
+                    (function(pixel_values).logits - models[name](pixel_values).logits).abs().max().item()
+                )
+            times = interleaved_times({n: (lambda f=f: f(pixel_values)) for n, f in compiled.items()}, runs, warmup)
+        for name, row in rows.items():
+            row.compiled_latencies = times[name]
+            row.compiled_ratio = median_ratio(times[name], times[baseline])
+    del models
+    if train_runs:
+        steps = {name: training_step(build_model(name, num_labels), size=size, num_labels=num_labels) for name in names}
+        times = interleaved_times(steps, train_runs, warmup=1)
+        for name, row in rows.items():
+            row.train_times = times[name]
+            row.train_ratio = median_ratio(times[name], times[baseline])
+    if memory:
+        for name, row in rows.items():
+            row.peak_train_mib = peak_memory_mib(name, "training", size, num_labels, threads)
+            row.peak_inference_mib = peak_memory_mib(name, "inference", size, num_labels, threads)
+    return list(rows.values())
+
+
+def format_table(rows: list[BenchmarkRow], baseline: str = "segformer-b0") -> str:
+    """Markdown table; ratios are relative to ``baseline`` (pairwise medians, measured in the same run)."""
+    base = next((row for row in rows if row.name == baseline), rows[0])
+    columns = [
+        ("model", lambda r: r.name),
+        ("params (M)", lambda r: f"{r.parameters / 1e6:.2f}"),
+        ("conv MACs (G)", lambda r: f"{r.macs.conv / 1e9:.2f}"),
+        ("all MACs (G)", lambda r: f"{r.macs.total / 1e9:.2f}"),
+        ("operators / forward", lambda r: str(r.operators)),
+        ("inference median / min (s)", lambda r: f"{r.median_latency:.3f} / {min(r.latencies):.3f}"),
+        (f"inference / {base.name}", lambda r: f"{r.latency_ratio:.2f}"),
+    ]
+    if base.compiled_latencies is not None:
+        columns += [
+            ("compiled median (s)", lambda r: f"{statistics.median(r.compiled_latencies):.3f}"),
+            ("compiled / own eager", lambda r: f"{statistics.median(r.compiled_latencies) / r.median_latency:.2f}"),
+            (f"compiled / compiled {base.name}", lambda r: f"{r.compiled_ratio:.2f}"),
+        ]
+    if base.train_times is not None:
+        columns += [
+            (f"train step b{base.train_batch} (s)", lambda r: f"{statistics.median(r.train_times):.2f}"),
+            ("img/s", lambda r: f"{r.images_per_second:.2f}"),
+            (f"train / {base.name}", lambda r: f"{r.train_ratio:.2f}"),
+        ]
+    if base.peak_train_mib is not None:
+        columns += [
+            ("peak MiB train / inference", lambda r: f"{r.peak_train_mib:.0f} / {r.peak_inference_mib:.0f}"),
+            (
+                f"train memory / {base.name}",
+                lambda r: f"{r.peak_train_mib / base.peak_train_mib:.2f}" if base.peak_train_mib > 0 else "–",
+            ),
+        ]
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DeviceRow:
+    name: str
+    precision: str
+    batch: int
+    mode: str
+    latencies: list[float]
+    ratio: float = 1.0
+    peak_mib: float | None = None
+
+
+def run_device_benchmark(
+    names: list[str],
+    device: str = "cuda",
+    size: int = 512,
+    batches: tuple[int, ...] = (1, 8),
+    precisions: tuple[str, ...] = ("fp32", "bf16", "fp16"),
+    modes: tuple[str, ...] = ("eager", "compiled", "cudagraphs"),
+    runs: int = 20,
+    warmup: int = 5,
+    num_labels: int = 150,
+    baseline: str = "segformer-b0",
+) -> list[DeviceRow]:
+    """Inference latency on ``device`` (CUDA events on a GPU) for every precision (autocast) × batch × mode;
+    ratios against ``baseline`` at the same precision, batch and mode. ``cudagraphs`` is
+    ``torch.compile(mode="reduce-overhead")``, which records CUDA graphs (on other devices it is skipped).
+
+    Written for CUDA; every part that does not need a GPU also runs on the CPU (and is tested there).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is visible to PyTorch on this machine; run it on a GPU")
+    timer = Timer(device)
+    if baseline not in names:
+        names = [baseline, *names]
+    models = {name: prepare_for_inference(build_model(name, num_labels)).to(device) for name in names}
+    rows = []
+    for mode in modes:
+        if mode == "cudagraphs" and device.type != "cuda":
+            continue
+        runners = {
+            name: model if mode == "eager" else torch.compile(model, mode="reduce-overhead" if mode == "cudagraphs" else None)
+            for name, model in models.items()
+        }
+        for precision in precisions:
+            dtype = PRECISIONS[precision]
+            for batch in batches:
+                pixel_values = torch.randn(batch, 3, size, size, device=device)
+                calls = {}
+                for name, runner in runners.items():
+                    def call(runner=runner):
+                        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                            return runner(pixel_values)
+                    calls[name] = call
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                with torch.inference_mode():
+                    times = interleaved_times(calls, runs, warmup, timer)
+                for name in names:
+                    rows.append(
+                        DeviceRow(name, precision, batch, mode, times[name], median_ratio(times[name], times[baseline]))
+                    )
+    return rows
+
+
+def format_device_table(rows: list[DeviceRow], baseline: str = "segformer-b0") -> str:
+    lines = [
+        f"| model | precision | batch | mode | median (ms) | min (ms) | / {baseline} |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.name} | {row.precision} | {row.batch} | {row.mode} | {statistics.median(row.latencies) * 1e3:.2f} "
+            f"| {min(row.latencies) * 1e3:.2f} | {row.ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BenchmarkRow",
+    "DeviceRow",
+    "Timer",
+    "count_operators",
+    "format_device_table",
+    "interleaved_times",
+    "median_ratio",
+    "peak_memory_mib",
+    "prepare_for_inference",
+    "run_device_benchmark",
+    "training_step",
+    "MacCount",
+    "SEGFORMER_VARIANTS",
+    "build_model",
+    "count_macs",
+    "count_parameters",
+    "format_table",
+    "freqfusion_carafe_macs",
+    "measure_latency",
+    "run_benchmark",
+]

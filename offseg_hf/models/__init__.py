@@ -1,0 +1,106 @@
+"""The models: what a saved folder ships as remote code (``trust_remote_code=True``), one flat folder.
+
+``configuration_*.py`` and ``modeling_*.py`` (OffSeg, its EfficientFormerV2 backbone, SegFormer / Mask2Former with
+offset learning, SegNeXt and its MSCAN backbone) import only each other, ``offset_learning.py`` and ``loss.py``
+(relative imports), so that ``save_pretrained`` copies a self-contained set of files next to the weights.
+
+Importing this package (which any import of a model class does, directly or through ``offseg_hf``'s lazy names)
+registers the models with the Auto classes, once, here: AutoConfig, AutoBackbone (EfficientFormerV2, MSCAN),
+AutoModel / AutoModelForSemanticSegmentation (OffSeg, SegFormer + offset learning, SegNeXt) and
+AutoModelForUniversalSegmentation (Mask2Former + offset learning). The modeling files themselves register nothing,
+so that a saved folder loaded as remote code leaves the global Auto maps alone.
+"""
+
+from .configuration_offseg import EFFICIENTFORMER_V2_VARIANTS, OFFSEG_PRESETS, EfficientFormerV2Config, OffSegConfig
+from .configuration_segnext import MSCAN_VARIANTS, SEGNEXT_PRESETS, MscanConfig, SegNextConfig
+from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, EfficientFormerV2PreTrainedModel, fold_batch_norm
+from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
+from .modeling_offseg import (
+    OffSegDecoder,
+    OffSegForSemanticSegmentation,
+    OffSegFreqFusion,
+    OffSegModel,
+    OffSegPreTrainedModel,
+    OffSegSimilaritySampler,
+    carafe,
+)
+from .modeling_segformer_offset import SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation
+from .modeling_segnext import (
+    MscanBackbone,
+    MscanPreTrainedModel,
+    SegNextForSemanticSegmentation,
+    SegNextHamburger,
+    SegNextLightHamHead,
+    SegNextNMF2D,
+    SegNextPreTrainedModel,
+)
+from .offset_learning import OffsetLearning
+
+
+def _register_auto_classes() -> None:
+    from transformers import (
+        AutoBackbone,
+        AutoConfig,
+        AutoModel,
+        AutoModelForSemanticSegmentation,
+        AutoModelForUniversalSegmentation,
+    )
+    from transformers.conversion_mapping import WeightRenaming, register_checkpoint_conversion_mapping
+
+    for config_class in (EfficientFormerV2Config, OffSegConfig, SegformerOffsetConfig, Mask2FormerOffsetConfig,
+                         MscanConfig, SegNextConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoBackbone.register(EfficientFormerV2Config, EfficientFormerV2Backbone, exist_ok=True)
+    AutoBackbone.register(MscanConfig, MscanBackbone, exist_ok=True)
+    AutoModel.register(OffSegConfig, OffSegModel, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(OffSegConfig, OffSegForSemanticSegmentation, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(
+        SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation, exist_ok=True
+    )
+    AutoModelForSemanticSegmentation.register(SegNextConfig, SegNextForSemanticSegmentation, exist_ok=True)
+    AutoModelForUniversalSegmentation.register(
+        Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation, exist_ok=True
+    )
+    # Hub SegFormer checkpoints name the per-level projections ``decode_head.linear_c`` (transformers renames them
+    # for its own class): loading one into SegformerOffsetForSemanticSegmentation needs the same renaming.
+    register_checkpoint_conversion_mapping(
+        SegformerOffsetForSemanticSegmentation.__name__,
+        [WeightRenaming("decode_head.linear_c", "decode_head.linear_projections")],
+        overwrite=True,
+    )
+
+
+_register_auto_classes()
+
+__all__ = [
+    "EFFICIENTFORMER_V2_VARIANTS",
+    "MSCAN_VARIANTS",
+    "OFFSEG_PRESETS",
+    "SEGNEXT_PRESETS",
+    "EfficientFormerV2Backbone",
+    "EfficientFormerV2Config",
+    "EfficientFormerV2PreTrainedModel",
+    "Mask2FormerOffsetConfig",
+    "Mask2FormerOffsetForUniversalSegmentation",
+    "MscanBackbone",
+    "MscanConfig",
+    "MscanPreTrainedModel",
+    "OffSegConfig",
+    "OffSegDecoder",
+    "OffSegForSemanticSegmentation",
+    "OffSegFreqFusion",
+    "OffSegModel",
+    "OffSegPreTrainedModel",
+    "OffSegSimilaritySampler",
+    "OffsetLearning",
+    "SegformerOffsetConfig",
+    "SegformerOffsetForSemanticSegmentation",
+    "SegNextConfig",
+    "SegNextForSemanticSegmentation",
+    "SegNextHamburger",
+    "SegNextLightHamHead",
+    "SegNextNMF2D",
+    "SegNextPreTrainedModel",
+    "carafe",
+    "fold_batch_norm",
+]

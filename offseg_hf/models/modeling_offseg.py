@@ -1,0 +1,611 @@
+"""OffSeg: EfficientFormerV2 + FreqFusion decoder + offset learning (ICCV 2025).
+
+"Revisiting Efficient Semantic Segmentation: Learning Offsets for Better Spatial and Class Feature
+Alignment". Where a per-pixel classifier computes masks ``M = W·Eᵀ`` from fixed class embeddings W (K×C)
+and pixel features E (HW×C), OffSeg learns offsets for both before that product:
+
+* coupled attention ``A = W·Eᵀ`` (K×HW, Eq. 4);
+* class offset: softmax of A over pixels pools the features of each class, a linear layer turns the
+  pooled features into ``ΔW`` (Eq. 5–8);
+* feature offset: softmax of A over classes mixes the class embeddings at each pixel, a linear layer turns
+  the mixture into ``ΔE`` (Eq. 9–12);
+* masks ``M = (E + ΔE)·(W + ΔW)ᵀ`` followed by a LayerNorm over the K class scores (Eq. 13).
+
+The network (paper Fig. 4): EfficientFormerV2 backbone → per-stage 1×1 conv + GroupNorm + ReLU → three
+FreqFusion fusions from stride 32 to stride 4 (adaptive low-pass / high-pass CARAFE filters and a
+similarity-guided resampler) → align 1×1 conv + GroupNorm + ReLU → offset learning → logits at stride 4.
+
+Parts, by paper name: :func:`carafe`, :class:`OffSegFreqFusion` (ALPF ``lowpass_encoder``, AHPF
+``highpass_encoder``), :class:`OffSegSimilaritySampler`, :class:`~offseg_hf.models.offset_learning.OffsetLearning`,
+:class:`OffSegDecoder`, :class:`OffSegModel`, :class:`OffSegForSemanticSegmentation`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.backbone_utils import load_backbone
+from transformers.modeling_outputs import BaseModelOutput, SemanticSegmenterOutput
+from transformers.modeling_utils import PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_offseg import EfficientFormerV2Config, OffSegConfig
+from .loss import semantic_segmentation_loss
+from .modeling_efficientformer_v2 import EfficientFormerV2Backbone
+from .offset_learning import OffsetLearning
+
+# Inputs are padded to a multiple of this (the backbone's total stride; its stage-3 attention halves the grid).
+INPUT_MULTIPLE = 32
+
+
+def _carafe_layout(batch: int, groups: int, height: int, width: int, radius: int) -> tuple[int, int, int]:
+    """Rows per stacked image, padded row width and number of computed positions of :func:`carafe`'s layout."""
+    rows, cols = height + 2 * radius, width + 2 * radius
+    return rows, cols, batch * groups * rows * cols
+
+
+def _carafe_stack_features(features: torch.Tensor, groups: int, radius: int) -> torch.Tensor:
+    """`(B, C, h, w)` -> zero-padded pixel-major buffer `(B·G·(h+2r) + 2r + 1, w + 2r, C/G)`.
+
+    The B·G padded images are stacked along the rows, so the k×k window of every output position is an
+    overlapping strided view of one buffer (:func:`_carafe_window_row`) with a single batch stride.
+    """
+    batch, channels, height, width = features.shape
+    rows, cols, _ = _carafe_layout(batch, groups, height, width, radius)
+    buffer = features.new_zeros(batch * groups * rows + 2 * radius + 1, cols, channels // groups)
+    images = buffer[: batch * groups * rows].view(batch, groups, rows, cols, -1)
+    images[:, :, radius : radius + height, radius : radius + width] = features.reshape(
+        batch, groups, -1, height, width
+    ).permute(0, 1, 3, 4, 2)
+    return buffer
+
+
+def _carafe_window_row(buffer: torch.Tensor, row: int, kernel_size: int, positions: int) -> torch.Tensor:
+    """Row ``row`` of every position's window: `(positions, k, C/G)`, a view of the stacked buffer."""
+    cols, channels = buffer.shape[1], buffer.shape[2]
+    return buffer.as_strided((positions, kernel_size, channels), (channels, channels, 1), row * cols * channels)
+
+
+def _carafe_stack_kernels(kernels: torch.Tensor, groups: int, kernel_size: int, scale: int) -> torch.Tensor:
+    """`(B, G·k², h·s, w·s)` -> `(k, positions, s², k)`: kernel row, position, sub-pixel, kernel column.
+
+    Positions in the margins of the stacked layout get zero kernels.
+    """
+    batch, _, out_height, out_width = kernels.shape
+    height, width, k = out_height // scale, out_width // scale, kernel_size
+    rows, cols, positions = _carafe_layout(batch, groups, height, width, k // 2)
+    buffer = kernels.new_zeros(k, batch, groups, rows, cols, scale, scale, k)
+    buffer[:, :, :, :height, :width] = kernels.reshape(batch, groups, k, k, height, scale, width, scale).permute(
+        2, 0, 1, 4, 6, 5, 7, 3
+    )
+    return buffer.view(k, positions, scale * scale, k)
+
+
+class _Carafe(torch.autograd.Function):
+    """:func:`carafe` as k batched matrix products per direction (forward, and each gradient in backward).
+
+    At each low-res position p the ``s²`` outputs are ``K_p (s² × k²) · X_p (k² × C)`` with ``X_p`` the k×k
+    neighbourhood; one kernel row at a time this is a batched product over an overlapping strided view of the
+    padded input (no k²-fold copy). Gradients: ``∂K_p = G_p · X_pᵀ`` and ``∂X_p = K_pᵀ · G_p``, the latter
+    added back into the padded input at each tap's shift.
+    """
+
+    @staticmethod
+    def forward(features, kernels, kernel_size, scale, groups):
+        batch, channels, height, width = features.shape
+        rows, cols, positions = _carafe_layout(batch, groups, height, width, kernel_size // 2)
+        stacked = _carafe_stack_features(features, groups, kernel_size // 2)
+        taps = _carafe_stack_kernels(kernels, groups, kernel_size, scale)
+        output = torch.bmm(taps[0], _carafe_window_row(stacked, 0, kernel_size, positions))
+        for row in range(1, kernel_size):
+            output = output.baddbmm_(taps[row], _carafe_window_row(stacked, row, kernel_size, positions))
+        output = output.view(batch, groups, rows, cols, scale, scale, -1)[:, :, :height, :width]
+        return output.permute(0, 1, 6, 2, 4, 3, 5).reshape(batch, channels, height * scale, width * scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        features, kernels, kernel_size, scale, groups = inputs
+        ctx.save_for_backward(features, kernels)
+        ctx.kernel_size, ctx.scale, ctx.groups = kernel_size, scale, groups
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        features, kernels = ctx.saved_tensors
+        grad_output = grad_output.to(features.dtype)
+        k, scale, groups = ctx.kernel_size, ctx.scale, ctx.groups
+        batch, channels, height, width = features.shape
+        radius = k // 2
+        rows, cols, positions = _carafe_layout(batch, groups, height, width, radius)
+        grad = grad_output.new_zeros(batch, groups, rows, cols, scale, scale, channels // groups)
+        grad[:, :, :height, :width] = grad_output.reshape(
+            batch, groups, -1, height, scale, width, scale
+        ).permute(0, 1, 3, 5, 4, 6, 2)
+        grad = grad.view(positions, scale * scale, -1)
+        stacked = _carafe_stack_features(features, groups, radius)
+        grad_features = grad_kernels = None
+        if ctx.needs_input_grad[1]:
+            grad_taps = torch.stack(
+                [grad @ _carafe_window_row(stacked, row, k, positions).transpose(1, 2) for row in range(k)]
+            ).view(k, batch, groups, rows, cols, scale, scale, k)[:, :, :, :height, :width]
+            grad_kernels = grad_taps.permute(1, 2, 0, 7, 3, 5, 4, 6).reshape(kernels.shape)
+        if ctx.needs_input_grad[0]:
+            taps = _carafe_stack_kernels(kernels, groups, k, scale)
+            grad_stacked = torch.zeros_like(stacked)
+            flat = grad_stacked.view(-1, stacked.shape[-1])
+            for row in range(k):
+                grad_window = taps[row].transpose(1, 2) @ grad  # (positions, k, C/G)
+                for col in range(k):
+                    start = row * cols + col
+                    flat[start : start + positions] += grad_window[:, col]
+            images = grad_stacked[: batch * groups * rows].view(batch, groups, rows, cols, -1)
+            grad_features = images[:, :, radius : radius + height, radius : radius + width].permute(0, 1, 4, 2, 3)
+            grad_features = grad_features.reshape(features.shape)
+        return grad_features, grad_kernels, None, None, None
+
+
+def carafe(features: torch.Tensor, kernels: torch.Tensor, kernel_size: int, scale: int = 1, groups: int = 1):
+    """Content-aware reassembly (CARAFE, Wang et al. 2019) with given, already normalised kernels.
+
+    ``out[n, c, y, x] = Σ_{i,j<k} kernels[n, g·k² + i·k + j, y, x] · features[n, c, ⌊y/s⌋ + i − r, ⌊x/s⌋ + j − r]``
+    with ``r = (k − 1) / 2``, zero outside the input and ``g`` the channel group of ``c``.
+
+    Args:
+        features: `(B, C, H, W)`.
+        kernels: `(B, groups·k², H·scale, W·scale)`.
+        kernel_size: k (odd).
+        scale: upsampling factor s.
+        groups: channel groups sharing one kernel.
+
+    Returns:
+        `(B, C, H·scale, W·scale)`.
+    """
+    batch, channels, height, width = features.shape
+    taps = kernel_size * kernel_size
+    if kernels.shape != (batch, groups * taps, height * scale, width * scale):
+        raise ValueError(
+            f"carafe: kernels of shape {tuple(kernels.shape)} do not fit features {tuple(features.shape)} "
+            f"with kernel_size={kernel_size}, scale={scale}, groups={groups}"
+        )
+    # Computed in the features' dtype (under autocast too, as an elementwise reassembly would be).
+    with torch.autocast(features.device.type, enabled=False):
+        return _Carafe.apply(features, kernels.to(features.dtype), kernel_size, scale, groups)
+
+
+def normalize_kernels(kernel_logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the k² taps of each pixel's filter: `(B, k², H, W) -> (B, k², H, W)`, rows sum to 1."""
+    return kernel_logits.softmax(dim=1)
+
+
+def neighbour_cosine_similarity(features: torch.Tensor, dilation: int = 2) -> torch.Tensor:
+    """Cosine similarity of each pixel with its 8 neighbours in a 3×3 window of the given dilation.
+
+    Neighbours outside the image count as zero vectors (similarity 0).
+
+    Args:
+        features: `(B, C, H, W)`.
+
+    Returns:
+        `(B, 8, H, W)`, neighbours in row-major order with the centre left out (computed in at least float32:
+        the ``1e-8`` guard of ``0 / 0`` at the image border underflows to zero in float16).
+    """
+    dtype = features.dtype
+    features = features.float() if dtype in (torch.float16, torch.bfloat16) else features
+    norms = features.norm(dim=1, keepdim=True)
+    dots = (features.unsqueeze(2) * _dilated_neighbours(features, dilation)).sum(dim=1)
+    similarities = dots / (norms * _dilated_neighbours(norms, dilation)[:, 0]).clamp_min(1e-8)
+    return similarities.to(dtype)
+
+
+def _dilated_neighbours(features: torch.Tensor, dilation: int) -> torch.Tensor:
+    """The 8 neighbours of every pixel in a dilated 3×3 window, zero outside: `(B, C, H, W) -> (B, C, 8, H, W)`."""
+    height, width = features.shape[-2:]
+    padded = F.pad(features, [dilation] * 4)
+    return torch.stack(
+        [
+            padded[:, :, row * dilation : row * dilation + height, col * dilation : col * dilation + width]
+            for row in range(3)
+            for col in range(3)
+            if (row, col) != (1, 1)
+        ],
+        dim=2,
+    )
+
+
+class OffSegProjectionConv(nn.Conv2d):
+    """1×1 convolution without bias of the decoder's conv blocks (Kaiming-normal init, fan_out, ReLU)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1, bias=False)
+
+
+class OffSegKernelEncoder(nn.Conv2d):
+    """FreqFusion's filter generator: predicts a k×k CARAFE kernel per pixel, `(B, C, H, W) -> (B, k², H, W)`.
+
+    Initialised N(0, 0.001) (bias 0), so that the first kernels are nearly uniform.
+    """
+
+    def __init__(self, in_channels: int, kernel_size: int, encoder_kernel: int):
+        super().__init__(in_channels, kernel_size**2, encoder_kernel, padding=encoder_kernel // 2)
+
+
+class OffSegConvNormAct(nn.Module):
+    """1×1 convolution (no bias) → GroupNorm → ReLU: `(B, C_in, H, W) -> (B, C_out, H, W)`."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int):
+        super().__init__()
+        self.conv = OffSegProjectionConv(in_channels, out_channels)
+        self.norm = nn.GroupNorm(num_groups, out_channels, eps=1e-5)
+        self.act = nn.ReLU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(hidden_states)))
+
+
+class OffSegSimilaritySampler(nn.Module):
+    """FreqFusion's offset generator: resamples an upsampled map along offsets predicted from local similarity.
+
+    From the compressed high-res feature (B, C, 2h, 2w) and low-res feature (B, C, h, w) it predicts, for each
+    of ``groups`` channel groups and each of the 2×2 sub-pixels of a low-res pixel, a sampling point
+    ``centre + init_pos + offset · sigmoid(scale)``; the offsets come from the cosine similarity of every
+    pixel with its 8 dilated neighbours (after GroupNorm), the scales from the normalised features.
+    """
+
+    def __init__(self, in_channels: int, groups: int, kernel_size: int):
+        super().__init__()
+        self.groups = groups
+        self.scale = 2
+        padding = kernel_size // 2
+        subpixel_channels = 2 * groups * self.scale**2
+        self.offset = nn.Conv2d(8, subpixel_channels, kernel_size, padding=padding)
+        self.direct_scale = nn.Conv2d(in_channels, subpixel_channels, kernel_size, padding=padding)
+        self.hr_offset = nn.Conv2d(8, 2 * groups, kernel_size, padding=padding)
+        self.hr_direct_scale = nn.Conv2d(in_channels, 2 * groups, kernel_size, padding=padding)
+        self.norm_hr = nn.GroupNorm(in_channels // 8, in_channels)
+        self.norm_lr = nn.GroupNorm(in_channels // 8, in_channels)
+
+    def initial_positions(self, device, dtype) -> torch.Tensor:
+        """Sub-pixel centres relative to the low-res pixel centre, `(1, 2·groups·4, 1, 1)`.
+
+        Channel ``xy·4G + g·4 + i·2 + j``: x = ±0.25 by sub-pixel column j, y = ±0.25 by sub-pixel row i.
+        """
+        half = torch.tensor([-0.25, 0.25], device=device, dtype=dtype)
+        x = half.view(1, 2).expand(2, 2)
+        y = half.view(2, 1).expand(2, 2)
+        return torch.stack([x, y]).reshape(2, 1, 4).expand(2, self.groups, 4).reshape(1, -1, 1, 1)
+
+    def forward(self, hr_features: torch.Tensor, lr_features: torch.Tensor, to_sample: torch.Tensor):
+        """
+        Args:
+            hr_features: compressed high-res feature `(B, C, 2h, 2w)`.
+            lr_features: compressed low-res feature `(B, C, h, w)`.
+            to_sample: the upsampled map to resample, `(B, C_s, 2h, 2w)`, C_s divisible by ``groups``.
+
+        Returns:
+            `(B, C_s, 2h, 2w)`.
+        """
+        hr_features = self.norm_hr(hr_features)
+        lr_features = self.norm_lr(lr_features)
+        hr_similarity = neighbour_cosine_similarity(hr_features)
+        lr_similarity = neighbour_cosine_similarity(lr_features)
+        offset = self.offset(lr_similarity) + F.pixel_unshuffle(self.hr_offset(hr_similarity), self.scale)
+        gate = self.direct_scale(lr_features) + F.pixel_unshuffle(self.hr_direct_scale(hr_features), self.scale)
+        offset = offset * gate.sigmoid() + self.initial_positions(offset.device, offset.dtype)
+        return self.sample(to_sample, offset)
+
+    def sample(self, features: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Bilinear sampling (border padding) of `features (B, C, 2h, 2w)` at low-res pixel centres + `offset`.
+
+        `offset`: `(B, 2·groups·4, h, w)` in low-res pixel units, layout ``[xy][group][sub-pixel]``.
+        """
+        batch, _, height, width = offset.shape
+        offset = offset.reshape(batch, 2, -1, height, width)
+        ys = torch.arange(height, device=offset.device, dtype=offset.dtype) + 0.5
+        xs = torch.arange(width, device=offset.device, dtype=offset.dtype) + 0.5
+        centres = torch.stack([xs.view(1, width).expand(height, width), ys.view(height, 1).expand(height, width)])
+        size = torch.tensor([width, height], device=offset.device, dtype=offset.dtype).view(1, 2, 1, 1, 1)
+        grid = 2 * (centres.view(1, 2, 1, height, width) + offset) / size - 1
+        grid = F.pixel_shuffle(grid.reshape(batch, -1, height, width), self.scale)
+        grid = grid.reshape(batch, 2, self.groups, self.scale * height, self.scale * width)
+        grid = grid.permute(0, 2, 3, 4, 1).flatten(0, 1)
+        grouped = features.reshape(batch * self.groups, -1, features.shape[-2], features.shape[-1])
+        sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return sampled.reshape(batch, -1, self.scale * height, self.scale * width)
+
+
+class OffSegFreqFusion(nn.Module):
+    """FreqFusion (Chen et al., TPAMI 2024): fuses a stride-2s feature into a stride-s one.
+
+    * AHPF (``highpass_encoder``): per-pixel 3×3 kernels; ``x + (x − lowpass(x))`` sharpens the high-res map.
+    * ALPF (``lowpass_encoder``): per-pixel 5×5 kernels predicted from both resolutions upsample the low-res
+      map by CARAFE (smooth, content-aware ×2 upsampling).
+    * ``resampler`` (:class:`OffSegSimilaritySampler`) refines the upsampled map by resampling it.
+
+    Inputs ``hr (B, C_hr, 2h, 2w)``, ``lr (B, C_lr, h, w)``; outputs the sharpened ``hr (B, C_hr, 2h, 2w)`` and
+    upsampled ``lr (B, C_lr, 2h, 2w)``.
+    """
+
+    def __init__(self, config: OffSegConfig, hr_channels: int, lr_channels: int):
+        super().__init__()
+        compressed = (hr_channels + lr_channels) // 4
+        self.lowpass_kernel = config.freqfusion_lowpass_kernel
+        self.highpass_kernel = config.freqfusion_highpass_kernel
+        encoder_kernel = config.freqfusion_encoder_kernel
+        self.hr_channel_compressor = nn.Conv2d(hr_channels, compressed, 1)
+        self.lr_channel_compressor = nn.Conv2d(lr_channels, compressed, 1)
+        self.lowpass_encoder = OffSegKernelEncoder(compressed, self.lowpass_kernel, encoder_kernel)
+        self.highpass_encoder = OffSegKernelEncoder(compressed, self.highpass_kernel, encoder_kernel)
+        self.resampler = OffSegSimilaritySampler(
+            compressed, config.freqfusion_resample_groups, config.freqfusion_sampler_kernel
+        )
+
+    def forward(self, hr_features: torch.Tensor, lr_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low_k, high_k = self.lowpass_kernel, self.highpass_kernel
+        if hr_features.shape[-2:] != tuple(2 * size for size in lr_features.shape[-2:]):
+            raise ValueError(
+                f"FreqFusion needs the high-res map to be exactly twice the low-res one, got "
+                f"{tuple(hr_features.shape[-2:])} and {tuple(lr_features.shape[-2:])}"
+            )
+        hr_compressed = self.hr_channel_compressor(hr_features)
+        lr_compressed = self.lr_channel_compressor(lr_features)
+
+        # AHPF on the compressed high-res map: x + (x - lowpass(x)).
+        highpass_from_hr = self.highpass_encoder(hr_compressed)
+        hr_compressed = 2 * hr_compressed - carafe(hr_compressed, normalize_kernels(highpass_from_hr), high_k)
+
+        # ALPF kernels from both resolutions; the low-res part is upsampled by CARAFE with the high-res kernels.
+        lowpass_from_hr = self.lowpass_encoder(hr_compressed)
+        lowpass_kernels = lowpass_from_hr + carafe(
+            self.lowpass_encoder(lr_compressed), normalize_kernels(lowpass_from_hr), low_k, scale=2
+        )
+        lowpass_kernels = normalize_kernels(lowpass_kernels)
+        highpass_kernels = highpass_from_hr + carafe(
+            self.highpass_encoder(lr_compressed), lowpass_kernels, low_k, scale=2
+        )
+
+        lr_upsampled = carafe(lr_features, lowpass_kernels, low_k, scale=2)
+        hr_features = 2 * hr_features - carafe(hr_features, normalize_kernels(highpass_kernels), high_k)
+        lr_upsampled = self.resampler(hr_compressed, lr_compressed, lr_upsampled)
+        return hr_features, lr_upsampled
+
+
+def interleave_channels(first: torch.Tensor, second: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Concatenate two maps in ``chunks`` interleaved channel blocks.
+
+    `(B, C1, H, W), (B, C2, H, W) -> (B, C1 + C2, H, W)` ordered ``[a0, b0, a1, b1, …]`` where ``a_i``/``b_i``
+    are the i-th of ``chunks`` equal channel blocks of each input (this is how the reference concatenates, with
+    ``chunks`` = FreqFusion's resampling groups, so that the groups stay aligned with channel blocks).
+    """
+    batch, _, height, width = first.shape
+    return torch.cat(
+        [first.reshape(batch * chunks, -1, height, width), second.reshape(batch * chunks, -1, height, width)], dim=1
+    ).reshape(batch, -1, height, width)
+
+
+class OffSegDecoder(nn.Module):
+    """Decoder up to the aligned feature E.
+
+    `[(B, C_i, H/2^(i+2), W/2^(i+2)) for i in 0..3] -> (B, decoder_hidden_size, H/4, W/4)`: per-stage 1×1 conv +
+    GN + ReLU, three FreqFusion fusions from stride 32 to stride 4 (each followed by an interleaved concat,
+    so channels grow to ``sum(decoder_stage_channels)``), then the align 1×1 conv + GN + ReLU.
+    """
+
+    def __init__(self, config: OffSegConfig, in_channels: list[int]):
+        super().__init__()
+        stage_channels = config.decoder_stage_channels
+        self.chunks = config.freqfusion_resample_groups
+        self.stage_projections = nn.ModuleList(
+            OffSegConvNormAct(cin, cout, config.decoder_num_groups) for cin, cout in zip(in_channels, stage_channels)
+        )
+        fusions = []
+        lr_channels = stage_channels[-1]
+        for hr_channels in reversed(stage_channels[:-1]):
+            fusions.append(OffSegFreqFusion(config, hr_channels, lr_channels))
+            lr_channels += hr_channels
+        self.fusions = nn.ModuleList(fusions)
+        self.align = OffSegConvNormAct(lr_channels, config.decoder_hidden_size, config.decoder_num_groups)
+
+    def fuse(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The FreqFusion cascade: `(B, sum(decoder_stage_channels), H/4, W/4)`, input of ``align``."""
+        projected = [projection(feature) for projection, feature in zip(self.stage_projections, features)]
+        fused = projected[-1]
+        for fusion, hr_features in zip(self.fusions, reversed(projected[:-1])):
+            hr_features, lr_upsampled = fusion(hr_features, fused)
+            fused = interleave_channels(hr_features, lr_upsampled, self.chunks)
+        return fused
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.align(self.fuse(features))
+
+
+class OffSegPerPixelClassifier(nn.Conv2d):
+    """The per-pixel classifier ``M = W·Eᵀ`` (paper Eq. 1; Table 6's baseline): a 1×1 convolution with bias,
+    `(B, C, H, W) -> (B, K, H, W)`, initialised N(0, 0.01) as the reference ``conv_seg``."""
+
+    def __init__(self, hidden_size: int, num_labels: int):
+        super().__init__(hidden_size, num_labels, 1)
+
+
+class OffSegPreTrainedModel(PreTrainedModel):
+    config: OffSegConfig
+    config_class = OffSegConfig
+    base_model_prefix = "offseg"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EfficientFormerV2Stage", "OffSegFreqFusion"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Reference init of the decoder and classifier (the backbone initialises itself):
+
+        * 1×1 conv blocks (:class:`OffSegProjectionConv`): Kaiming normal (fan_out, ReLU), GroupNorm (1, 0);
+        * FreqFusion: N(0, 0.001) for both filter generators (:class:`OffSegKernelEncoder`), Xavier-uniform
+          (bias 0) for its other convolutions — every plain ``nn.Conv2d`` of the decoder;
+        * offset learning: truncated normal (std ``offset_learning_init_std``) for W and both projections,
+          LayerNorm (1, 0); per-pixel classifier: N(0, 0.01), bias 0.
+        """
+        if isinstance(module, OffSegProjectionConv):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, OffSegKernelEncoder):
+            init.normal_(module.weight, std=0.001)
+            init.zeros_(module.bias)
+        elif isinstance(module, OffSegPerPixelClassifier):
+            init.normal_(module.weight, std=0.01)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.xavier_uniform_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, OffsetLearning):
+            std = self.config.offset_learning_init_std
+            init.trunc_normal_(module.class_embeddings, std=std)
+            init.trunc_normal_(module.class_offset_proj.weight, std=std)
+            init.trunc_normal_(module.feature_offset_proj.weight, std=std)
+
+
+def pad_to_multiple(pixel_values: torch.Tensor, multiple: int = INPUT_MULTIPLE) -> torch.Tensor:
+    """Zero-pad `(B, C, H, W)` at the bottom/right so that H and W are multiples of ``multiple``."""
+    height, width = pixel_values.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if pad_h or pad_w:
+        pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+    return pixel_values
+
+
+class OffSegModel(OffSegPreTrainedModel):
+    """Backbone + decoder without the classifier.
+
+    `pixel_values (B, 3, H, W)` (any H, W) → ``last_hidden_state``: the aligned feature E,
+    `(B, decoder_hidden_size, ⌈H/4⌉, ⌈W/4⌉)`; ``hidden_states`` / ``attentions`` (on request): those of the
+    backbone (for EfficientFormerV2: stem and the four stage outputs, computed on the input padded to a multiple
+    of 32; the weights of every attention block).
+
+    The backbone is EfficientFormerV2 (the paper) or any Transformers backbone (``load_backbone``) whose four
+    feature maps have strides 4, 8, 16 and 32.
+    """
+
+    def __init__(self, config: OffSegConfig):
+        super().__init__(config)
+        # EfficientFormerV2 is built directly: a saved folder then also loads as remote code, where nothing
+        # registers it with AutoBackbone (and where its config class may come from another dynamic module).
+        if config.backbone_config.model_type == EfficientFormerV2Config.model_type:
+            self.backbone = EfficientFormerV2Backbone(config.backbone_config)
+        else:
+            self.backbone = load_backbone(config)
+        self.decoder = OffSegDecoder(config, list(self.backbone.channels))
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutput:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(B, 3, H, W)`): normalised images of any size.
+
+        Returns `BaseModelOutput` with the aligned feature E as `last_hidden_state`, `(B, C, ⌈H/4⌉, ⌈W/4⌉)`.
+        """
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
+        expected_channels = self.backbone.config.num_channels
+        if pixel_values.shape[1] != expected_channels:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[1]} channels, the model expects {expected_channels} "
+                f"(shape {tuple(pixel_values.shape)})"
+            )
+        height, width = pixel_values.shape[-2:]
+        for flag in ("output_hidden_states", "output_attentions"):  # this config's defaults, not the backbone's
+            if kwargs.get(flag) is None:
+                kwargs[flag] = getattr(self.config, flag, False)
+        backbone_outputs = self.backbone(pad_to_multiple(pixel_values), return_dict=True, **kwargs)
+        features = self.decoder(list(backbone_outputs.feature_maps))
+        features = features[..., : -(-height // 4), : -(-width // 4)]  # ⌈H/4⌉ × ⌈W/4⌉: the padding cropped off
+        return BaseModelOutput(
+            last_hidden_state=features,
+            hidden_states=backbone_outputs.hidden_states,
+            attentions=backbone_outputs.attentions,
+        )
+
+
+class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
+    """OffSeg for semantic segmentation: `pixel_values (B, 3, H, W)` → logits `(B, K, ⌈H/4⌉, ⌈W/4⌉)`.
+
+    Any input size works: the input is zero-padded to a multiple of 32 and the features are cropped back
+    before the classifier (offset learning, or the per-pixel baseline with ``classifier="per_pixel"``). With
+    ``labels (B, H_l, W_l)`` the loss is the cross-entropy of the logits bilinearly upsampled to the label size,
+    ignoring ``config.semantic_loss_ignore_index``.
+
+    Example:
+
+    ```python
+    >>> from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation
+    >>> model = OffSegForSemanticSegmentation(OffSegConfig.from_preset("offseg-t", num_labels=150)).eval()
+    >>> model(torch.randn(1, 3, 97, 131)).logits.shape
+    torch.Size([1, 150, 25, 33])
+    ```
+    """
+
+    def __init__(self, config: OffSegConfig):
+        super().__init__(config)
+        self.offseg = OffSegModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout_prob)
+        if config.classifier == "offset_learning":
+            self.offset_learning = OffsetLearning(config.decoder_hidden_size, config.num_labels)
+        else:
+            self.classifier = OffSegPerPixelClassifier(config.decoder_hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SemanticSegmenterOutput:
+        r"""
+        pixel_values (`torch.Tensor` of shape `(B, 3, H, W)`): normalised images of any size.
+        labels (`torch.LongTensor` of shape `(B, H_l, W_l)`, *optional*): class indices; pixels equal to
+            `config.semantic_loss_ignore_index` are ignored. Label values are validated where the data enter
+            (datasets, collator), not here, so that the loss needs no device synchronisation.
+
+        Returns `SemanticSegmenterOutput` with `logits (B, K, ⌈H/4⌉, ⌈W/4⌉)` (+ `loss`, and the backbone's
+        `hidden_states` / `attentions` when requested).
+        """
+        outputs = self.offseg(pixel_values, **kwargs)
+        features = self.dropout(outputs.last_hidden_state)
+        head = self.offset_learning if self.config.classifier == "offset_learning" else self.classifier
+        logits = head(features)
+        loss = None
+        if labels is not None:
+            loss = semantic_segmentation_loss(logits, labels, self.config.semantic_loss_ignore_index)
+        return SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+# save_pretrained writes an ``auto_map`` and copies these files, so a saved folder also loads with
+# ``trust_remote_code=True`` where offseg_hf is not installed. The Auto* registrations live in the package.
+OffSegModel.register_for_auto_class("AutoModel")
+OffSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+
+__all__ = [
+    "OffSegDecoder",
+    "OffSegForSemanticSegmentation",
+    "OffSegFreqFusion",
+    "OffSegKernelEncoder",
+    "OffSegModel",
+    "OffSegPerPixelClassifier",
+    "OffSegPreTrainedModel",
+    "OffSegProjectionConv",
+    "OffSegSimilaritySampler",
+    "carafe",
+    "interleave_channels",
+    "neighbour_cosine_similarity",
+]
