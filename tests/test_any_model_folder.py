@@ -12,7 +12,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from offseg_hf import OffSegForSemanticSegmentation
 from offseg_hf.cli import main
-from offseg_hf.image_processing_offseg import build_image_processor
+from offseg_hf.inference.image_processing_offseg import build_image_processor
 from offseg_hf.plug import add_offset_learning
 
 pytestmark = pytest.mark.torch_threads(1)

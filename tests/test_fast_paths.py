@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offseg_hf import OffSegForSemanticSegmentation, carafe, fold_batch_norm
-from offseg_hf.modeling_offseg import neighbour_cosine_similarity
+from offseg_hf.models.modeling_offseg import neighbour_cosine_similarity
 from test_modeling_common import tiny_offseg_config
 
 

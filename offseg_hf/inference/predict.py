@@ -62,7 +62,7 @@ def load_model(path: str, device: str = "auto", fold_batch_norm: bool = True, co
             ``preprocessor_config.json``), or a Hugging Face Hub id such as ``org/name``.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``…
         fold_batch_norm: fold EfficientFormerV2's BatchNorms into their convolutions
-            (:func:`~offseg_hf.modeling_efficientformer_v2.fold_batch_norm`: same outputs, one pass less per norm);
+            (:func:`~offseg_hf.models.modeling_efficientformer_v2.fold_batch_norm`: same outputs, one pass less per norm);
             the model is then for inference only (its state dict no longer has the checkpoint's layout).
         compile: run the network through ``torch.compile`` (inductor; the first call of each input size compiles).
 
@@ -117,7 +117,7 @@ def load_model(path: str, device: str = "auto", fold_batch_norm: bool = True, co
     except (RuntimeError, AssertionError) as error:
         raise ModelLoadError(f"cannot move the model to device {device!r}: {error}") from error
     if fold_batch_norm:
-        from .modeling_efficientformer_v2 import fold_batch_norm as fold
+        from offseg_hf.models.modeling_efficientformer_v2 import fold_batch_norm as fold
 
         fold(model)
     if compile:
