@@ -136,6 +136,7 @@ def test_trust_remote_code_without_the_package(tmp_path):
         import sys
         sys.modules["offseg_hf"] = None  # make the package unimportable
         import torch
+        torch.set_num_threads({torch.get_num_threads()})  # the test's threads: parallel sums split the same way
         from transformers import AutoModelForSemanticSegmentation
         model = AutoModelForSemanticSegmentation.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
         io = torch.load({str(tmp_path / "io.pt")!r}, weights_only=True)
