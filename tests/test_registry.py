@@ -39,7 +39,7 @@ def test_the_other_tables_are_views_of_the_specs():
     for name, spec in DATASETS.items():
         assert RECIPES[name]["test_scale"] == (spec.protocol.scale if spec.protocol else None)
         assert RECIPES[name]["max_steps"] == spec.recipe["max_steps"]
-    assert resolve_config({"dataset": "ADE"}).test_scale == (2048, 512)
+    assert resolve_config({"dataset": "ADE"}).data_args.test_scale == [2048, 512]
     for hub_id, settings in KNOWN_HUB_DATASETS.items():
         spec = get_dataset(settings["dataset"])
         assert spec.hub_datasets[hub_id]["label_column"] == settings["label_column"]
