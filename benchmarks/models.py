@@ -432,7 +432,6 @@ class DeviceRow:
     mode: str
     latencies: list[float]
     ratio: float = 1.0
-    peak_mib: float | None = None
 
 
 def run_device_benchmark(
@@ -478,8 +477,6 @@ def run_device_benchmark(
                         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                             return runner(pixel_values)
                     calls[name] = call
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
                 with torch.inference_mode():
                     times = interleaved_times(calls, runs, warmup, timer)
                 for name in names:
