@@ -87,6 +87,70 @@ def test_neighbour_similarity_matches_shifted_dot_products(size):
     )
 
 
+def _reference_loss(logits, labels, ignore_index=255):
+    upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(upsampled, labels, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("shapes", [((2, 7, 5, 6), (19, 23)), ((1, 4, 8, 8), (8, 8)), ((2, 3, 9, 4), (4, 2))])
+def test_loss_is_the_cross_entropy_of_upsampled_logits(shapes):
+    """The one-buffer loss against ``interpolate`` + ``cross_entropy`` in float64: value and gradient,
+    with ignored pixels, upsampling by a non-integer factor, no resize, and downsampling."""
+    from offseg_hf.models.loss import semantic_segmentation_loss
+
+    (batch, classes, height, width), size = shapes
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(batch, classes, height, width, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.randint(0, classes, (batch, *size), generator=generator)
+    labels[0, : size[0] // 2] = 255
+    expected = _reference_loss(logits, labels)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    loss = semantic_segmentation_loss(logits, labels, 255)
+    (grad,) = torch.autograd.grad(loss * 3, logits)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, 3 * expected_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_loss_without_counted_pixels_and_in_bfloat16():
+    from offseg_hf.models.loss import semantic_segmentation_loss
+
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    labels = torch.full((1, 8, 8), 255)
+    loss = semantic_segmentation_loss(logits, labels, 255)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(_reference_loss(logits, labels))  # F.cross_entropy's mean of nothing
+    assert torch.equal(logits.grad, torch.zeros_like(logits))  # and its gradient: zero
+    half = torch.randn(2, 5, 6, 6).bfloat16().requires_grad_()
+    labels = torch.randint(0, 5, (2, 12, 12))
+    loss = semantic_segmentation_loss(half, labels, 255)
+    loss.backward()
+    assert loss.dtype == torch.float32 and half.grad.dtype == torch.bfloat16  # computed in float32
+    torch.testing.assert_close(loss, _reference_loss(half.detach().float(), labels), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="labels must be"):
+        semantic_segmentation_loss(half, labels[0], 255)
+
+
+def test_attention_bias_cache_follows_the_weights_and_the_size():
+    """Without gradients the resized relative-position bias is cached; an in-place weight update, a dtype change
+    and another input size each give the bias a fresh model computes (the traced path is in the compile test)."""
+    torch.manual_seed(0)
+    model = OffSegForSemanticSegmentation(tiny_offseg_config()).eval()
+    bias = model.offseg.backbone.stages[-1].blocks[-1].attention.relative_position  # a 2×2 grid: 4 tokens
+    with torch.no_grad():
+        first = bias(4, 4).clone()
+        assert bias(4, 4) is bias(4, 4)  # cached
+        bias.attention_biases.add_(1.0)
+        torch.testing.assert_close(bias(4, 4), first + 1.0, rtol=0, atol=0)
+        other = bias(6, 9)
+        assert other.shape[-2:] == (6, 9)
+    with torch.enable_grad():
+        assert bias(6, 9).requires_grad  # with gradients: computed, not cached
+        torch.testing.assert_close(bias(6, 9), other, rtol=0, atol=0)
+    model.double()
+    with torch.no_grad():
+        assert bias(4, 4).dtype == torch.float64
+
+
 def _model_with_trained_statistics():
     torch.manual_seed(0)
     model = OffSegForSemanticSegmentation(tiny_offseg_config())

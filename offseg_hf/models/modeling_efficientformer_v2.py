@@ -73,8 +73,11 @@ class EfficientFormerV2RelativePositionBias(nn.Module):
 
     The table ``attention_biases`` (heads × distinct offsets) is gathered into a `(heads, N_q, N_k)` matrix laid
     out for the layout resolution, which is then resized bicubically (align_corners=False) to the actual
-    `(N_q, N_k)` as if it were an image. The resize is always applied (it is the identity, bit for bit, at the
-    layout resolution), so the function has no branch on the input size and exports with dynamic shapes.
+    `(N_q, N_k)` as if it were an image. The resize is the identity, bit for bit, at the layout resolution.
+
+    Traced (``torch.compile``, ``torch.export``) the resize is always applied, so the graph has no branch on the
+    input size and exports with dynamic shapes. Run eagerly, the identity resize is skipped, and without
+    gradients the bias is cached per size and weights (as Transformers' LeViT caches its biases in eval mode).
     """
 
     def __init__(self, num_heads: int, query_grid: int, key_grid: int):
@@ -83,11 +86,25 @@ class EfficientFormerV2RelativePositionBias(nn.Module):
         self.query_grid, self.key_grid = query_grid, key_grid
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, table_size))
         self.register_buffer("attention_bias_idxs", index, persistent=False)
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _resized(self, num_queries: int, num_keys: int, skip_identity: bool) -> torch.Tensor:
+        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)
+        if skip_identity and (num_queries, num_keys) == (self.query_grid**2, self.key_grid**2):
+            return bias
+        return F.interpolate(bias, size=(num_queries, num_keys), mode="bicubic", align_corners=False)
 
     def forward(self, num_queries: int, num_keys: int) -> torch.Tensor:
         """Returns the bias of shape `(1, heads, num_queries, num_keys)`."""
-        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)
-        return F.interpolate(bias, size=(num_queries, num_keys), mode="bicubic", align_corners=False)
+        if torch.compiler.is_compiling():
+            return self._resized(num_queries, num_keys, skip_identity=False)
+        if torch.is_grad_enabled():
+            return self._resized(num_queries, num_keys, skip_identity=True)
+        table = self.attention_biases
+        key = (num_queries, num_keys, table.device, table.dtype, table.data_ptr(), table._version)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._resized(num_queries, num_keys, skip_identity=True))
+        return self._cache[1]
 
 
 def eager_attention_forward(
