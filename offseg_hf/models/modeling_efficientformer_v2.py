@@ -75,9 +75,10 @@ class EfficientFormerV2RelativePositionBias(nn.Module):
     out for the layout resolution, which is then resized bicubically (align_corners=False) to the actual
     `(N_q, N_k)` as if it were an image. The resize is the identity, bit for bit, at the layout resolution.
 
-    Traced (``torch.compile``, ``torch.export``) the resize is always applied, so the graph has no branch on the
-    input size and exports with dynamic shapes. Run eagerly, the identity resize is skipped, and without
-    gradients the bias is cached per size and weights (as Transformers' LeViT caches its biases in eval mode).
+    Exported (``torch.export``, ONNX) the resize is always applied, so the graph has no branch on the input size
+    and serves dynamic shapes. Elsewhere the identity resize is skipped (``torch.compile`` guards on the size), and
+    run eagerly without gradients the bias is cached per size and weights (as Transformers' LeViT caches its
+    biases in eval mode).
     """
 
     def __init__(self, num_heads: int, query_grid: int, key_grid: int):
@@ -96,8 +97,8 @@ class EfficientFormerV2RelativePositionBias(nn.Module):
 
     def forward(self, num_queries: int, num_keys: int) -> torch.Tensor:
         """Returns the bias of shape `(1, heads, num_queries, num_keys)`."""
-        if torch.compiler.is_compiling():
-            return self._resized(num_queries, num_keys, skip_identity=False)
+        if torch.compiler.is_compiling():  # torch.export keeps the size-independent graph; torch.compile guards on it
+            return self._resized(num_queries, num_keys, skip_identity=not torch.compiler.is_exporting())
         if torch.is_grad_enabled():
             return self._resized(num_queries, num_keys, skip_identity=True)
         table = self.attention_biases
