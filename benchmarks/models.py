@@ -401,6 +401,7 @@ def format_table(rows: list[BenchmarkRow], baseline: str = "segformer-b0") -> st
             ("compiled median (s)", lambda r: f"{statistics.median(r.compiled_latencies):.3f}"),
             ("compiled / own eager", lambda r: f"{statistics.median(r.compiled_latencies) / r.median_latency:.2f}"),
             (f"compiled / compiled {base.name}", lambda r: f"{r.compiled_ratio:.2f}"),
+            ("compiled max abs diff", lambda r: f"{r.compiled_max_diff:.1e}"),
         ]
     if base.train_times is not None:
         columns += [
