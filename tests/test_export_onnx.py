@@ -63,7 +63,7 @@ def test_export_prints_its_verification_at_three_sizes(exported):
     assert [line.split(":")[0] for line in lines] == ["64x96 batch 2", "64x128 batch 1", "43x93 batch 1"]
     assert all(line.endswith("[ok]") for line in lines)
     for line in lines:
-        assert float(line.split("max abs diff ")[1].split(",")[0]) <= 1e-4
+        assert float(line.split("max abs diff ")[1].split(" ")[0]) <= 1e-4
     assert "any height/width >= 33" in exported.stdout
 
 
@@ -73,8 +73,8 @@ def test_graph_is_dynamic_and_carries_the_preprocessing(exported, model_dir):
     assert segmenter.input_shape == (None, 3, None, None)
     metadata = segmenter.metadata
     processor = build_image_processor("ade20k")
-    assert metadata["preprocessing"]["image_mean"] == processor.image_mean
-    assert metadata["preprocessing"]["image_std"] == processor.image_std
+    assert metadata["preprocessing"]["image_mean"] == list(processor.image_mean)
+    assert metadata["preprocessing"]["image_std"] == list(processor.image_std)
     assert metadata["preprocessing"]["scale"] == [2048, 512] and metadata["preprocessing"]["size_divisor"] == 32
     config = json.loads((model_dir / "config.json").read_text())
     assert metadata["id2label"] == config["id2label"] and metadata["model_type"] == "offseg"
@@ -149,7 +149,7 @@ class _TwoClassConv(torch.nn.Module):
 def test_failed_export_or_verification_leaves_no_file(tmp_path):
     out = tmp_path / "conv.onnx"
     with pytest.raises(ExportError, match="verification of the ONNX file failed"):
-        export_onnx(_TwoClassConv(), out, size=(40, 48), min_agreement=1.01, optimize=False)  # unattainable
+        export_onnx(_TwoClassConv(), out, size=(40, 48), min_agreement=1.01)  # unattainable
     assert list(tmp_path.iterdir()) == []
 
     class Broken(_TwoClassConv):
@@ -157,5 +157,25 @@ def test_failed_export_or_verification_leaves_no_file(tmp_path):
             raise RuntimeError("boom")
 
     with pytest.raises(ExportError, match="export of Broken failed: RuntimeError: boom"):
-        export_onnx(Broken(), out, size=(40, 48), optimize=False)
+        export_onnx(Broken(), out, size=(40, 48))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["segformer_offset", "segnext"])
+def test_other_model_types_export_with_dynamic_sizes(kind, tmp_path):
+    """SegFormer + offset learning and SegNeXt (whose NMF bases are a fixed draw in eval mode: two eager passes are
+    identical, so the file can match them) export and verify at three sizes, one not a multiple of 32."""
+    from offseg_hf import SegformerOffsetForSemanticSegmentation, SegNextForSemanticSegmentation
+    from test_modeling_common import tiny_segformer_offset_config
+    from test_modeling_segnext import tiny_config as tiny_segnext_config
+
+    torch.manual_seed(0)
+    model = (SegformerOffsetForSemanticSegmentation(tiny_segformer_offset_config()) if kind == "segformer_offset"
+             else SegNextForSemanticSegmentation(tiny_segnext_config())).eval()
+    pixel_values = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values).logits, model(pixel_values).logits)
+    report = export_onnx(model, tmp_path / f"{kind}.onnx", size=(64, 96), verify_sizes=[(64, 96), (96, 64), (70, 90)])
+    assert [check.size for check in report.checks] == [(64, 96), (96, 64), (70, 90)]
+    assert all(check.ok and check.max_abs_diff <= 1e-4 for check in report.checks), report.summary()
+    assert OnnxSegmenter(report.path).metadata["model_type"] == kind

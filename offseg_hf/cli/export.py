@@ -1,4 +1,4 @@
-"""``offseg export DIR --format onnx [--dynamic-size] [--opset N] [--fp16] [--out FILE] [--no-verify]``.
+"""``offseg export DIR --format onnx [--dynamic-size] [--opset N] [--fp16] [--optimize] [--out FILE] [--no-verify]``.
 
 Exports a saved model folder (any model type of this package) to an ONNX file with input ``pixel_values (batch,
 3, height, width)`` and output ``logits``; batch always dynamic, height and width with ``--dynamic-size``. The file
@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: 18)")
     parser.add_argument("--fp16", action="store_true",
                         help="compute in float16 inside the graph; inputs and outputs stay float32 (default: float32)")
+    parser.add_argument("--optimize", action="store_true",
+                        help="run torch.onnx's graph optimiser: a smaller graph, three times the export time, the same "
+                        "ONNX Runtime speed (default: off)")
     parser.add_argument("--out", default=None, metavar="FILE", help="output file (default: DIR/model.onnx)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the ONNX Runtime check against PyTorch (default: verify at three sizes)")
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     report = export_onnx(
         model, out, processor=processor, dynamic_size=args.dynamic_size, size=tuple(args.size),
-        opset=args.opset or DEFAULT_OPSET, fp16=args.fp16, verify=args.verify,
+        opset=args.opset or DEFAULT_OPSET, fp16=args.fp16, verify=args.verify, optimize=args.optimize,
     )
     print(report.summary())
     return 0

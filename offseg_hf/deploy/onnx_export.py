@@ -71,23 +71,30 @@ class ExportError(RuntimeError):
 class SizeCheck:
     """ONNX Runtime against PyTorch eager at one input size.
 
+    The reference is the model run in float64 (the exact function up to ~1e-12): float32 eager is itself a
+    rounding of it, and on OffSeg-T at 512² with random weights it is 1.7e-4 away from it (the LayerNorm over the K
+    class scores rescales the rounding of the scores), where ONNX Runtime is 3e-5 away.
+
     Attributes:
         size: ``(height, width)``; batch: the batch size.
-        max_abs_diff: largest absolute difference of the logits.
-        argmax_agreement: fraction of logit pixels whose arg-max class is the same.
-        ok: both within the tolerances of the check.
+        max_abs_diff: largest absolute difference of the ONNX Runtime logits from the float64 eager ones.
+        eager_max_abs_diff: the same for float32 eager (PyTorch's own rounding, for comparison).
+        argmax_agreement: fraction of logit pixels whose arg-max class is that of float32 eager.
+        ok: ``max_abs_diff`` and ``argmax_agreement`` within the tolerances of the check.
     """
 
     size: tuple[int, int]
     batch: int
     max_abs_diff: float
+    eager_max_abs_diff: float
     argmax_agreement: float
     ok: bool
 
     def line(self) -> str:
         verdict = "ok" if self.ok else "FAILED"
-        return (f"{self.size[0]}x{self.size[1]} batch {self.batch}: max abs diff {self.max_abs_diff:.2e}, "
-                f"arg-max agreement {100 * self.argmax_agreement:.3f} % [{verdict}]")
+        return (f"{self.size[0]}x{self.size[1]} batch {self.batch}: max abs diff {self.max_abs_diff:.2e} "
+                f"(float32 eager: {self.eager_max_abs_diff:.2e}) from float64 eager, arg-max agreement with float32 "
+                f"eager {100 * self.argmax_agreement:.3f} % [{verdict}]")
 
 
 @dataclass
@@ -212,7 +219,8 @@ def verify_onnx(
     min_agreement: float = 0.999,
     seed: int = 0,
 ) -> list[SizeCheck]:
-    """Run ``path`` in ONNX Runtime and ``model`` in PyTorch eager on the same random inputs and compare.
+    """Run ``path`` in ONNX Runtime and ``model`` in PyTorch eager (float32, and a float64 copy as the reference) on
+    the same random inputs and compare (see :class:`SizeCheck`).
 
     The first size is checked with batch 2, the others with batch 1 (so the dynamic batch is exercised too).
     Inputs are standard-normal, as normalised images roughly are.
@@ -224,18 +232,22 @@ def verify_onnx(
     segmenter = OnnxSegmenter(path)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    exact = copy.deepcopy(model).to(torch.float64)
     checks = []
     for index, (height, width) in enumerate(sizes):
         batch = 2 if index == 0 else 1
         pixel_values = torch.randn(batch, 3, height, width, generator=generator)
         with torch.no_grad():
-            expected = model(pixel_values=pixel_values.to(device)).logits.float().cpu().numpy()
+            eager = model(pixel_values=pixel_values.to(device)).logits.float().cpu().numpy()
+            reference = exact(pixel_values=pixel_values.to(device, torch.float64)).logits.cpu().numpy()
         got = segmenter(pixel_values.numpy())
-        if got.shape != expected.shape:
-            raise ExportError(f"{path}: at {height}x{width} ONNX Runtime returned logits {got.shape}, PyTorch {expected.shape}")
-        diff = float(np.abs(got - expected).max())
-        agreement = float((got.argmax(1) == expected.argmax(1)).mean())
-        checks.append(SizeCheck((height, width), batch, diff, agreement, diff <= atol and agreement >= min_agreement))
+        if got.shape != eager.shape:
+            raise ExportError(f"{path}: at {height}x{width} ONNX Runtime returned logits {got.shape}, PyTorch {eager.shape}")
+        diff = float(np.abs(got - reference).max())
+        eager_diff = float(np.abs(eager - reference).max())
+        agreement = float((got.argmax(1) == eager.argmax(1)).mean())
+        checks.append(SizeCheck((height, width), batch, diff, eager_diff, agreement,
+                                diff <= atol and agreement >= min_agreement))
     return checks
 
 
@@ -252,7 +264,7 @@ def export_onnx(
     verify_sizes: Sequence[tuple[int, int]] | None = None,
     atol: float | None = None,
     min_agreement: float | None = None,
-    optimize: bool = True,
+    optimize: bool = False,
 ) -> ExportReport:
     """Export ``model`` to the ONNX file ``path`` and verify it in ONNX Runtime.
 
@@ -270,9 +282,10 @@ def export_onnx(
         verify_sizes: the sizes to verify (default: :func:`default_verify_sizes`).
         atol, min_agreement: verification tolerances (default: 1e-4 and 99.9 % in float32; 5e-2 and 99 % with
             ``fp16``).
-        optimize: run the ONNX optimiser of ``torch.onnx`` (constant folding, fusions) on the graph before saving.
-            ONNX Runtime optimises the graph again when it loads it, so ``False`` gives a file that runs about as
-            fast (see README, "Deploy") and saves about half of the export time.
+        optimize: run ``torch.onnx``'s graph optimiser (constant folding, fusions) before saving: a graph of
+            about a quarter of the nodes (OffSeg-T: 2,675 instead of 11,602), but three times the export time
+            (159 s instead of 46 s for OffSeg-T on a 2-core CPU) and no faster in ONNX Runtime, which optimises the
+            graph itself when it loads it (0.43 s either way at 512²).
 
     Returns:
         An :class:`ExportReport`.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["bfloat16_autocast", "calibration_batches", "quantize_onnx", "quantize_pt2e", "to_bfloat16"]
+__all__ = ["as_plain_layers", "bfloat16_autocast", "one_partition_per_call", "calibration_batches", "quantize_onnx", "quantize_pt2e", "to_bfloat16"]
 
 
 def bfloat16_autocast(device_type: str = "cpu") -> contextlib.AbstractContextManager:
@@ -67,11 +67,43 @@ class _Logits(nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
+def as_plain_layers(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose subclasses of ``nn.Conv2d`` / ``nn.Linear`` that only change the initialisation
+    (``OffSegProjectionConv``, ``OffSegKernelEncoder``, ``EfficientFormerV2PointwiseConv``…) are plain
+    ``nn.Conv2d`` / ``nn.Linear``: the same function, but PT2E quantisers find their layers by the exact module type
+    (``get_source_partitions(graph, [nn.Conv2d, F.conv2d])``) and would leave the subclasses in float32."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        for base in (nn.Conv2d, nn.Linear):
+            if type(module) is not base and isinstance(module, base) and type(module).forward is base.forward:
+                module.__class__ = base
+    return model
+
+
+def one_partition_per_call(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Give every operator its own source partition (in place).
+
+    PT2E quantisers find layers and fusion patterns by ``get_source_partitions``, which groups the nodes of a
+    module by its qualified name (``nn_module_stack`` of a non-strict export): a module called twice (FreqFusion's
+    ``lowpass_encoder`` runs on the high- and on the low-res map) becomes one partition with two outputs, which
+    ``X86InductorQuantizer`` rejects (``ValueError: conv partition has more than one output node``, or ``Input
+    partition has more than one output node`` in its conv+add pattern). Every layer quantised here lowers to a
+    single aten operator per call, so one partition per operator is one partition per call.
+    """
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack:
+            key, (name, kind) = list(stack.items())[-1]
+            stack[key] = (f"{name}:{node.name}", kind)
+    return graph_module
+
+
 def quantize_pt2e(model: nn.Module, batches: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
     """int8 static quantisation of the whole model with PT2E (torchao) for x86 CPUs.
 
     Args:
-        model: a segmentation model (``model(pixel_values=...).logits``), float32, eval mode.
+        model: a segmentation model (``model(pixel_values=...).logits``), float32, eval mode (not modified: the
+            export runs on :func:`as_plain_layers`'s copy).
         batches: calibration inputs (:func:`calibration_batches`); the first one is also the traced example, so the
             quantised module takes inputs of its shape.
 
@@ -84,7 +116,8 @@ def quantize_pt2e(model: nn.Module, batches: Sequence[torch.Tensor]) -> torch.fx
 
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     with torch.no_grad():
-        exported = torch.export.export(_Logits(model.eval()), (batches[0],)).module()
+        exported = torch.export.export(_Logits(as_plain_layers(model).eval()), (batches[0],)).module()
+        one_partition_per_call(exported)
         prepared = prepare_pt2e(exported, quantizer)
         for batch in batches:
             prepared(batch)
