@@ -91,7 +91,7 @@ class OnnxSegmenter:
             expected = ", ".join("any" if size is None else str(size) for size in self.input_shape)
             raise ValueError(
                 f"{self.path.name} takes pixel_values of shape ({expected}), got {pixel_values.shape}"
-                + ("; export with --dynamic-size to serve other sizes" if fixed[2:] or len(fixed) > 1 else "")
+                + ("; export with --dynamic-size to serve other sizes" if self.input_shape[2:] != (None, None) else "")
             )
         return self.session.run([self.output_name], {self.input_name: pixel_values})[0]
 
