@@ -146,7 +146,7 @@ class _LogitsNetwork(nn.Module):
 
 def default_verify_sizes(size: tuple[int, int], dynamic_size: bool) -> list[tuple[int, int]]:
     """The sizes :func:`export_onnx` verifies: the traced one, and for a dynamic file two more, one a multiple of
-    32 with another aspect ratio (512² → 384×640) and one that is not a multiple of 32 (512² → 333×500)."""
+    32 with another aspect ratio (512² → 384×640) and one that is not a multiple of 32 (512² → 333×499)."""
     height, width = size
     if not dynamic_size:
         return [size]
