@@ -158,8 +158,14 @@ def default_verify_sizes(size: tuple[int, int], dynamic_size: bool) -> list[tupl
 def onnx_metadata(model: nn.Module, processor, *, size: tuple[int, int], dynamic_size: bool, opset: int, fp16: bool,
                   logits_size: tuple[int, int]) -> dict:
     """The JSON metadata of an exported file (see the module docstring)."""
-    from offseg_hf import __version__
+    from importlib.metadata import PackageNotFoundError, version
+
     from offseg_hf.inference.predict import prediction_settings
+
+    try:
+        package_version = version("offseg-hf")
+    except PackageNotFoundError:  # a source checkout on PYTHONPATH
+        package_version = None
 
     settings = prediction_settings(model)
     processor_settings = processor.to_dict()
@@ -190,7 +196,7 @@ def onnx_metadata(model: nn.Module, processor, *, size: tuple[int, int], dynamic
         },
         "protocol": settings.protocol_record,
         "image_processor": processor_settings,
-        "exporter": {"offseg_hf": __version__, "torch": torch.__version__, "opset": opset,
+        "exporter": {"offseg_hf": package_version, "torch": torch.__version__, "opset": opset,
                      "compute_dtype": "float16" if fp16 else "float32"},
     }
 
