@@ -9,6 +9,7 @@ The package is laid out by job (see README, "Where things are"):
 * :mod:`offseg_hf.evaluation`: mIoU / mAcc / aAcc and ``offseg evaluate``'s library part;
 * :mod:`offseg_hf.training`: the Trainer recipe and crash-safe checkpoints;
 * :mod:`offseg_hf.conversion`: official checkpoints → Transformers folders, model cards;
+* :mod:`offseg_hf.deploy`: ONNX export verified in ONNX Runtime, the ONNX Runtime network, bfloat16 / int8;
 * :mod:`offseg_hf.cli`: the ``offseg`` command line (``python -m offseg_hf`` is the same).
 
 This module imports nothing heavy: the names below are loaded on first use (PEP 562), so that ``offseg --help``
@@ -45,6 +46,7 @@ _LAZY = {
     "SegmentationResult": "offseg_hf.inference.segment",
     "segment": "offseg_hf.inference.segment",
     "segment_image": "offseg_hf.inference.segment",
+    "export_onnx": "offseg_hf.deploy.onnx_export",
     "add_offset_learning": "offseg_hf.plug",
     "offset_learning_overhead": "offseg_hf.plug",
     "convert_segformer_offset_state_dict": "offseg_hf.conversion.segformer",
@@ -71,6 +73,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what static analysers and IDEs see
     from offseg_hf.conversion.segformer import convert_segformer_offset_state_dict
     from offseg_hf.conversion.segnext import convert_mscan_state_dict, convert_segnext_state_dict
+    from offseg_hf.deploy.onnx_export import export_onnx
     from offseg_hf.inference.image_processing_offseg import OffSegImageProcessor, build_image_processor
     from offseg_hf.inference.segment import SegmentationProtocol, SegmentationResult, segment, segment_image
     from offseg_hf.models import *  # noqa: F403

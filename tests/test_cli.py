@@ -40,7 +40,7 @@ def _probe(argv: list[str]) -> tuple[dict, str, str, float]:
     return report, result.stdout, result.stderr, seconds
 
 
-COMMANDS = ["predict", "train", "evaluate", "check-data", "convert"]
+COMMANDS = ["predict", "train", "evaluate", "check-data", "convert", "export"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], *[[name, "--help"] for name in COMMANDS]])
@@ -67,7 +67,7 @@ def test_python_m_offseg_hf_is_the_offseg_command():
     assert setup.get("options.entry_points", "console_scripts").strip() == "offseg = offseg_hf.cli:main"
 
 
-@pytest.mark.parametrize("module", ["benchmarks.compare_models", "research.mine_prototypes"])
+@pytest.mark.parametrize("module", ["benchmarks.compare_models", "benchmarks.deploy", "research.mine_prototypes"])
 def test_checkout_tools_run_with_the_cli_options(module):
     """The benchmark and research tools of the checkout are command modules run by offseg_hf.cli.run_tool."""
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=ENV, capture_output=True,

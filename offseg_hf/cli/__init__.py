@@ -36,6 +36,7 @@ COMMANDS = {
     "check-data": "check a dataset (file pairs, readable images, label sizes and values) before training",
     "convert": "convert an official OffSeg, SegFormer or SegNeXt (w/ offset learning) checkpoint into a Transformers folder",
     "demo": "web demo (Gradio) of one or more models, or a Hugging Face Space for them",
+    "export": "export a model folder to ONNX (dynamic sizes, verified in ONNX Runtime)",
 }
 
 

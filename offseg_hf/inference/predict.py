@@ -303,7 +303,10 @@ def predict_files(
 
     Args:
         inputs: image files and/or directories (see :func:`collect_images`).
-        model, processor: as returned by :func:`load_model`.
+        model, processor: as returned by :func:`load_model`; or any callable network with ``config.id2label``
+            and its processor (:class:`offseg_hf.deploy.onnx_runtime.OnnxSegmenter` and
+            ``OnnxSegmenter.image_processor()`` for an exported ONNX file), see
+            :func:`offseg_hf.inference.segment.segment_image`.
         out_dir: output folder (created).
         mode, tta: see :func:`offseg_hf.inference.segment.segment_image`.
         protocol: dataset name or :class:`~offseg_hf.inference.segment.SegmentationProtocol`; default: the benchmark

@@ -44,7 +44,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -500,8 +500,11 @@ def _as_chw_uint8(image) -> torch.Tensor:
     return tensor[:3].contiguous()  # alpha dropped, as for files
 
 
-def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    parameter = next(model.parameters(), None)
+def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a module's parameters; CPU float32 for a network that is not a module (an ONNX Runtime
+    session, :class:`offseg_hf.deploy.onnx_runtime.OnnxSegmenter`)."""
+    parameters = model.parameters if isinstance(model, torch.nn.Module) else None
+    parameter = next(parameters(), None) if parameters is not None else None
     if parameter is None:
         return torch.device("cpu"), torch.float32
     return parameter.device, parameter.dtype
@@ -525,9 +528,17 @@ def _normalised(processor, image: torch.Tensor, size: tuple[int, int], device, d
     return pixel_values.to(device=device, dtype=dtype)
 
 
-def _logits(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+def _logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``(B, K, h, w)`` float32 logits of ``model(pixel_values=...)``: an output with ``logits``, a tuple whose first
+    item they are, or the logits themselves (a tensor or a NumPy array, as an ONNX Runtime network returns them)."""
     outputs = model(pixel_values=pixel_values)
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    if hasattr(outputs, "logits"):
+        logits = outputs.logits
+    elif isinstance(outputs, (tuple, list)):
+        logits = outputs[0]
+    else:
+        logits = outputs
+    logits = torch.as_tensor(logits)
     if logits.ndim != 4 or logits.shape[0] != pixel_values.shape[0]:
         raise ValueError(
             f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for pixel_values "
@@ -557,7 +568,7 @@ def _slide_field(
 
 @torch.inference_mode()
 def segment_image(
-    model: torch.nn.Module,
+    model: "torch.nn.Module | Callable",
     processor,
     image: "Image.Image | np.ndarray | torch.Tensor",
     *,
@@ -577,7 +588,10 @@ def segment_image(
     Args:
         model: a semantic-segmentation model called as ``model(pixel_values=...)`` whose output has
             ``logits (B, K, h, w)`` at any fixed fraction of the input size (OffSeg: a quarter). Put it in eval
-            mode first; it runs on its own device.
+            mode first; it runs on its own device. Any other callable network works too (it gets CPU float32
+            ``pixel_values`` and returns the logits as a tensor or NumPy array, or an output with ``logits``):
+            :class:`offseg_hf.deploy.onnx_runtime.OnnxSegmenter` runs an exported ONNX file through this same
+            resize / slide / TTA logic.
         processor: the model's image processor (for OffSeg folders a ``SegformerImageProcessor``, see
             :func:`offseg_hf.build_image_processor`); only its resize and normalisation are used, with the sizes
             this function chooses (mmcv's rounding, :func:`rescale_size`).

@@ -474,12 +474,16 @@ class OffSegPreTrainedModel(PreTrainedModel):
 
 
 def pad_to_multiple(pixel_values: torch.Tensor, multiple: int = INPUT_MULTIPLE) -> torch.Tensor:
-    """Zero-pad `(B, C, H, W)` at the bottom/right so that H and W are multiples of ``multiple``."""
+    """Zero-pad `(B, C, H, W)` at the bottom/right so that H and W are multiples of ``multiple``.
+
+    Written for tracing with symbolic sizes (``torch.export`` / ONNX with dynamic H, W): no branch on the size
+    (a pad of 0 is a copy), and only floor divisions of non-negative numbers, which every runtime rounds alike
+    (ONNX's integer ``Div`` truncates towards zero, so ``(-H) % m`` or ``-(-H // m)`` would round wrongly there).
+    """
     height, width = pixel_values.shape[-2:]
-    pad_h, pad_w = (-height) % multiple, (-width) % multiple
-    if pad_h or pad_w:
-        pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
-    return pixel_values
+    pad_h = (height + multiple - 1) // multiple * multiple - height
+    pad_w = (width + multiple - 1) // multiple * multiple - width
+    return F.pad(pixel_values, (0, pad_w, 0, pad_h))
 
 
 class OffSegModel(OffSegPreTrainedModel):
@@ -526,7 +530,9 @@ class OffSegModel(OffSegPreTrainedModel):
                 kwargs[flag] = getattr(self.config, flag, False)
         backbone_outputs = self.backbone(pad_to_multiple(pixel_values), return_dict=True, **kwargs)
         features = self.decoder(list(backbone_outputs.feature_maps))
-        features = features[..., : -(-height // 4), : -(-width // 4)]  # ⌈H/4⌉ × ⌈W/4⌉: the padding cropped off
+        # ⌈H/4⌉ × ⌈W/4⌉: the padding cropped off, as a negative pad (a slice would make torch.export specialise on
+        # whether it crops anything, through the contiguity of the result)
+        features = F.pad(features, (0, (width + 3) // 4 - features.shape[-1], 0, (height + 3) // 4 - features.shape[-2]))
         return BaseModelOutput(
             last_hidden_state=features,
             hidden_states=backbone_outputs.hidden_states,
