@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_OPSET",
     "ExportError",
     "ExportReport",
+    "LogitsNetwork",
     "SizeCheck",
     "default_verify_sizes",
     "export_onnx",
@@ -131,17 +132,19 @@ class ExportReport:
         return "\n".join(lines)
 
 
-class _LogitsNetwork(nn.Module):
-    """``pixel_values (B, 3, H, W)`` float32 → ``logits`` float32: the model's output reduced to its logits, the
-    computation in ``dtype`` (float16 for ``--fp16``; the file's inputs and outputs stay float32)."""
+class LogitsNetwork(nn.Module):
+    """``pixel_values (B, 3, H, W)`` → ``logits``: the model's output reduced to its logits (a plain tensor for
+    ``torch.export``; also the traced module of :func:`offseg_hf.deploy.quantization.quantize_pt2e`). With ``dtype``
+    (float16 for ``--fp16``) the input is cast to it and the logits come back as float32."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None):
         super().__init__()
         self.model, self.dtype = model, dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        outputs = self.model(pixel_values=pixel_values.to(self.dtype))
-        return outputs.logits.float()
+        if self.dtype is None:
+            return self.model(pixel_values=pixel_values).logits
+        return self.model(pixel_values=pixel_values.to(self.dtype)).logits.float()
 
 
 def default_verify_sizes(size: tuple[int, int], dynamic_size: bool) -> list[tuple[int, int]]:
@@ -311,7 +314,7 @@ def export_onnx(
         processor = build_image_processor()
     model = model.eval()
     dtype = torch.float16 if fp16 else torch.float32
-    network = _LogitsNetwork(copy.deepcopy(model).to(dtype) if fp16 else model, dtype).eval()
+    network = LogitsNetwork(copy.deepcopy(model).to(dtype) if fp16 else model, dtype).eval()
     device = next(model.parameters()).device
     example = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
     auto = torch.export.Dim.AUTO

@@ -56,17 +56,6 @@ def calibration_batches(
     return batches
 
 
-class _Logits(nn.Module):
-    """``pixel_values → logits`` of a model whose output has ``logits`` (a plain tensor for ``torch.export``)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
-
-
 def as_plain_layers(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose subclasses of ``nn.Conv2d`` / ``nn.Linear`` that only change the initialisation
     (``OffSegProjectionConv``, ``OffSegKernelEncoder``, ``EfficientFormerV2PointwiseConv``…) are plain
@@ -112,11 +101,13 @@ def quantize_pt2e(model: nn.Module, batches: Sequence[torch.Tensor]) -> torch.fx
         arithmetic) or through ``torch.compile`` for int8 kernels.
     """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from offseg_hf.deploy.onnx_export import LogitsNetwork
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     with torch.no_grad():
-        exported = torch.export.export(_Logits(as_plain_layers(model).eval()), (batches[0],)).module()
+        exported = torch.export.export(LogitsNetwork(as_plain_layers(model).eval()), (batches[0],)).module()
         one_partition_per_call(exported)
         prepared = prepare_pt2e(exported, quantizer)
         for batch in batches:

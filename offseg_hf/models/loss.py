@@ -31,9 +31,8 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         size = tuple(labels.shape[-2:])
-        upsampled = F.interpolate(
-            logits.to(torch.promote_types(logits.dtype, torch.float32)).contiguous(memory_format=torch.channels_last), size=size, mode="bilinear", align_corners=False
-        )
+        logits_cl = logits.to(torch.promote_types(logits.dtype, torch.float32)).contiguous(memory_format=torch.channels_last)
+        upsampled = F.interpolate(logits_cl, size=size, mode="bilinear", align_corners=False)
         pixels = upsampled.permute(0, 2, 3, 1)  # (B, H, W, K), contiguous: upsampling keeps channels-last
         valid = labels != ignore_index
         targets = torch.where(valid, labels, 0).unsqueeze(-1)  # (B, H, W, 1)
