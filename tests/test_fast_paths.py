@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offseg_hf import OffSegForSemanticSegmentation, carafe, fold_batch_norm
+from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2TalkingHead, upsample_bilinear_2x
 from offseg_hf.models.modeling_offseg import neighbour_cosine_similarity
 from test_modeling_common import tiny_offseg_config
 
@@ -85,6 +86,38 @@ def test_neighbour_similarity_matches_shifted_dot_products(size):
         torch.autograd.grad(output, features, upstream)[0], torch.autograd.grad(expected, features, upstream)[0],
         rtol=1e-12, atol=1e-12,  # relative: the gradient at the zero vector is ~1e8 (divided by the 1e-8 guard)
     )
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 1, 1), (1, 2, 16, 16)])
+def test_bilinear_2x_upsampling_matches_interpolate(shape):
+    """The transposed-convolution form of the stage-3 attention's upsampling against ``F.interpolate`` in float64:
+    values and gradients (borders included: a 1×1 map replicates)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
+    expected = F.interpolate(features, scale_factor=2, mode="bilinear", align_corners=False)
+    output = upsample_bilinear_2x(features)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(
+        torch.autograd.grad(output, features, upstream)[0], torch.autograd.grad(expected, features, upstream)[0],
+        rtol=0, atol=1e-12,
+    )
+    float32 = features.detach().float()
+    difference = upsample_bilinear_2x(float32) - F.interpolate(float32, scale_factor=2, mode="bilinear")
+    assert difference.abs().max() <= 1e-6  # float32: float rounding only
+
+
+def test_talking_head_is_a_1x1_convolution_across_heads():
+    generator = torch.Generator().manual_seed(0)
+    head = EfficientFormerV2TalkingHead(4).double()
+    attention = torch.randn(3, 4, 6, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    expected = F.conv2d(attention, head.weight, head.bias)
+    output = head(attention)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    inputs = (attention, head.weight, head.bias)
+    for grad, expected_grad in zip(torch.autograd.grad(output, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
 
 
 def _reference_loss(logits, labels, ignore_index=255):
