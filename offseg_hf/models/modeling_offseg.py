@@ -334,6 +334,10 @@ class OffSegSimilaritySampler(nn.Module):
         grid = grid.reshape(batch, 2, self.groups, self.scale * height, self.scale * width)
         grid = grid.permute(0, 2, 3, 4, 1).flatten(0, 1)
         grouped = features.reshape(batch * self.groups, -1, features.shape[-2], features.shape[-1])
+        if grouped.dtype in (torch.float16, torch.bfloat16):
+            # torch 2.14's CPU grid_sample returns NaN in half precision for this channels-innermost view (the
+            # layout CARAFE returns); float32/64 read it correctly and faster than a transposed copy.
+            grouped = grouped.contiguous()
         sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return sampled.reshape(batch, -1, self.scale * height, self.scale * width)
 
@@ -498,14 +502,28 @@ class OffSegPreTrainedModel(PreTrainedModel):
 def pad_to_multiple(pixel_values: torch.Tensor, multiple: int = INPUT_MULTIPLE) -> torch.Tensor:
     """Zero-pad `(B, C, H, W)` at the bottom/right so that H and W are multiples of ``multiple``.
 
-    Written for tracing with symbolic sizes (``torch.export`` / ONNX with dynamic H, W): no branch on the size
-    (a pad of 0 is a copy), and only floor divisions of non-negative numbers, which every runtime rounds alike
-    (ONNX's integer ``Div`` truncates towards zero, so ``(-H) % m`` or ``-(-H // m)`` would round wrongly there).
+    Written for tracing with symbolic sizes (``torch.export`` / ONNX with dynamic H, W): exported, there is no
+    branch on the size (a pad of 0 is a copy), and only floor divisions of non-negative numbers, which every
+    runtime rounds alike (ONNX's integer ``Div`` truncates towards zero, so ``(-H) % m`` or ``-(-H // m)`` would
+    round wrongly there). Run eagerly or compiled, an input that needs no padding is returned as it is.
     """
     height, width = pixel_values.shape[-2:]
     pad_h = (height + multiple - 1) // multiple * multiple - height
     pad_w = (width + multiple - 1) // multiple * multiple - width
+    if not torch.compiler.is_exporting() and pad_h == 0 and pad_w == 0:
+        return pixel_values
     return F.pad(pixel_values, (0, pad_w, 0, pad_h))
+
+
+def crop_padding(features: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The top-left `(B, C, height, width)` of `(B, C, H', W')`: the padding of :func:`pad_to_multiple` cut off.
+
+    A view, except under ``torch.export``, where it is a negative pad: a slice would make the exported graph
+    specialise on whether it crops anything (through the contiguity of the result).
+    """
+    if torch.compiler.is_exporting():
+        return F.pad(features, (0, width - features.shape[-1], 0, height - features.shape[-2]))
+    return features[..., :height, :width]
 
 
 class OffSegModel(OffSegPreTrainedModel):
@@ -552,9 +570,7 @@ class OffSegModel(OffSegPreTrainedModel):
                 kwargs[flag] = getattr(self.config, flag, False)
         backbone_outputs = self.backbone(pad_to_multiple(pixel_values), return_dict=True, **kwargs)
         features = self.decoder(list(backbone_outputs.feature_maps))
-        # ⌈H/4⌉ × ⌈W/4⌉: the padding cropped off, as a negative pad (a slice would make torch.export specialise on
-        # whether it crops anything, through the contiguity of the result)
-        features = F.pad(features, (0, (width + 3) // 4 - features.shape[-1], 0, (height + 3) // 4 - features.shape[-2]))
+        features = crop_padding(features, (height + 3) // 4, (width + 3) // 4)  # ⌈H/4⌉ × ⌈W/4⌉
         return BaseModelOutput(
             last_hidden_state=features,
             hidden_states=backbone_outputs.hidden_states,
