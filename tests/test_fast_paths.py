@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offseg_hf import OffSegForSemanticSegmentation, carafe, fold_batch_norm
-from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2TalkingHead, upsample_bilinear_2x
+from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2TalkingHead, pointwise_conv, upsample_bilinear_2x
 from offseg_hf.models.modeling_offseg import neighbour_cosine_similarity
 from test_modeling_common import tiny_offseg_config
 
@@ -116,6 +116,25 @@ def test_talking_head_is_a_1x1_convolution_across_heads():
     torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
     upstream = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
     inputs = (attention, head.weight, head.bias)
+    for grad, expected_grad in zip(torch.autograd.grad(output, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_is_a_1x1_convolution(bias, channels_last):
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 5, 4, 6, dtype=torch.float64, generator=generator)
+    if channels_last:
+        features = features.contiguous(memory_format=torch.channels_last)
+    features.requires_grad_()
+    weight = torch.randn(3, 5, 1, 1, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
+    expected = F.conv2d(features, weight, bias)
+    output = pointwise_conv(features, weight, bias)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    inputs = [t for t in (features, weight, bias) if t is not None]
     for grad, expected_grad in zip(torch.autograd.grad(output, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)):
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
 

@@ -57,14 +57,17 @@ def calibration_batches(
 
 
 def as_plain_layers(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose subclasses of ``nn.Conv2d`` / ``nn.Linear`` that only change the initialisation
-    (``OffSegProjectionConv``, ``OffSegKernelEncoder``, ``EfficientFormerV2PointwiseConv``…) are plain
-    ``nn.Conv2d`` / ``nn.Linear``: the same function, but PT2E quantisers find their layers by the exact module type
-    (``get_source_partitions(graph, [nn.Conv2d, F.conv2d])``) and would leave the subclasses in float32."""
+    """A copy of ``model`` whose subclasses of ``nn.Conv2d`` / ``nn.Linear`` are plain ``nn.Conv2d`` / ``nn.Linear``.
+
+    Every such subclass in this package computes its base layer's function: some only change the initialisation
+    (``OffSegKernelEncoder``…), others run it as a matrix product for speed (``OffSegProjectionConv``,
+    ``EfficientFormerV2PointwiseConv``, ``EfficientFormerV2TalkingHead``). PT2E quantisers find their layers by the
+    exact module type (``get_source_partitions(graph, [nn.Conv2d, F.conv2d])``) and would leave the subclasses in
+    float32."""
     model = copy.deepcopy(model)
     for module in model.modules():
         for base in (nn.Conv2d, nn.Linear):
-            if type(module) is not base and isinstance(module, base) and type(module).forward is base.forward:
+            if type(module) is not base and isinstance(module, base):
                 module.__class__ = base
     return model
 

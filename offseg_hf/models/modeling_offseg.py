@@ -35,7 +35,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_offseg import EfficientFormerV2Config, OffSegConfig
 from .loss import semantic_segmentation_loss
-from .modeling_efficientformer_v2 import EfficientFormerV2Backbone
+from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, pointwise_conv
 from .offset_learning import OffsetLearning
 
 # Inputs are padded to a multiple of this (the backbone's total stride; its stage-3 attention halves the grid).
@@ -238,10 +238,14 @@ def _dilated_neighbours(features: torch.Tensor, dilation: int) -> torch.Tensor:
 
 
 class OffSegProjectionConv(nn.Conv2d):
-    """1×1 convolution without bias of the decoder's conv blocks (Kaiming-normal init, fan_out, ReLU)."""
+    """1×1 convolution without bias of the decoder's conv blocks (Kaiming-normal init, fan_out, ReLU), run as a
+    matrix product (:func:`~offseg_hf.models.modeling_efficientformer_v2.pointwise_conv`)."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 1, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return pointwise_conv(hidden_states, self.weight, self.bias)
 
 
 class OffSegKernelEncoder(nn.Conv2d):
