@@ -115,7 +115,10 @@ def upsample_bilinear_2x(hidden_states: torch.Tensor) -> torch.Tensor:
     Written as a depthwise transposed convolution with the separable kernel ``[¼, ¾, ¾, ¼]`` on the edge-replicated
     input: the same values up to float rounding (≤ 5e-7 measured), and 14× faster on CPU at the stage-3 shape
     (1024 channels of 16×16: 0.55 vs 7.5 ms), where aten's NCHW kernel converts to channels-last and back.
+    Compiled or exported, the interpolation itself is traced (see :func:`pointwise_conv`).
     """
+    if torch.compiler.is_compiling():
+        return F.interpolate(hidden_states, scale_factor=2, mode="bilinear", align_corners=False)
     channels = hidden_states.shape[1]
     taps = hidden_states.new_tensor([0.25, 0.75, 0.75, 0.25])
     weight = (taps[:, None] * taps[None, :]).expand(channels, 1, 4, 4)
@@ -154,6 +157,8 @@ class EfficientFormerV2TalkingHead(nn.Conv2d):
         super().__init__(heads, heads, 1)
 
     def forward(self, attention: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # see pointwise_conv
+            return super().forward(attention)
         batch, heads = attention.shape[:2]
         weight = self.weight.view(1, heads, heads).expand(batch, heads, heads)
         mixed = torch.baddbmm(self.bias.view(1, heads, 1), weight, attention.reshape(batch, heads, -1))
@@ -305,7 +310,13 @@ def pointwise_conv(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torc
     The same function as ``F.conv2d(x, weight, bias)``; on CPU 1.3–2.2× faster for NCHW float32 maps (oneDNN
     reorders NCHW maps to its blocked layout and back around every convolution: 256→256 channels at 128×128,
     6.7 vs 14.7 ms), and its backward is two more matrix products.
+
+    Compiled or exported (``torch.compile``, ``torch.export`` / ONNX) it stays a convolution: inductor plans the
+    layouts of its convolutions itself, and the matrix-product forms of this function, of the talking heads and of
+    :func:`upsample_bilinear_2x` made compiled OffSeg-T slower (222 vs 169 ms at 512², 2 CPU threads).
     """
+    if torch.compiler.is_compiling():
+        return F.conv2d(hidden_states, weight, bias)
     batch, channels, height, width = hidden_states.shape
     matrix = weight.view(weight.shape[0], channels).expand(batch, -1, -1)
     pixels = hidden_states.reshape(batch, channels, height * width)
