@@ -79,40 +79,33 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor) -> MacCount:
         for hook in hooks:
             hook.remove()
     counts = counter.get_flop_counts()
-    conv = matmul = 0
-    for op, flops in counts["Global"].items():
-        name = _op_name(op)
-        if name in _CONV_OPS:
-            conv += flops // 2
-        elif name in _MATMUL_OPS:
-            matmul += flops // 2
-        else:
+    for op in counts["Global"]:
+        if _op_name(op) not in _CONV_OPS | _MATMUL_OPS:
             raise RuntimeError(f"unclassified counted op {op}: extend benchmark._CONV_OPS/_MATMUL_OPS")
     # Convolution layers count as convolutions whatever they run as (1×1 convolutions and talking heads are batched
     # matrix products here); a convolution op outside a layer is a fixed resampling filter (EfficientFormerV2's
     # bilinear ×2 as a transposed convolution) and is not counted, as interpolation is not.
     root = type(model).__name__
-    layers = {f"{root}.{name}" for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
-    in_layers = {"conv": 0, "matmul": 0}
-    for path in layers & counts.keys():
-        for op, flops in counts[path].items():
-            in_layers["conv" if _op_name(op) in _CONV_OPS else "matmul"] += flops // 2
-    conv += in_layers["matmul"] - (conv - in_layers["conv"])
-    matmul -= in_layers["matmul"]
+    layers = [f"{root}.{name}" for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    layers = [path for path in layers if path in counts]
+    conv = sum(_macs(counts[path], _CONV_OPS | _MATMUL_OPS) for path in layers)
+    matmul = _macs(counts["Global"], _MATMUL_OPS) - sum(_macs(counts[path], _MATMUL_OPS) for path in layers)
     # CARAFE runs as batched products (which also cover the zero margins of its layout): inside a fusion they
-    # are the only ones, so take them out of ``matmul``; ``carafe`` holds their exact count from the shapes.
+    # are the only ones outside its layers, so take them out of ``matmul``; ``carafe`` holds their exact count.
     fusion_paths = [path for path in counts if path.split(".")[-1].isdigit() and ".fusions." in path]
-    for path in fusion_paths:
-        for inner in [path] + [layer for layer in layers & counts.keys() if layer.startswith(path + ".")]:
-            sign = 1 if inner == path else -1  # a fusion's layers were counted above
-            for op, flops in counts[inner].items():
-                if _op_name(op) in _MATMUL_OPS:
-                    matmul -= sign * (flops // 2)
+    for fusion in fusion_paths:
+        in_layers = sum(_macs(counts[path], _MATMUL_OPS) for path in layers if path.startswith(fusion + "."))
+        matmul -= _macs(counts[fusion], _MATMUL_OPS) - in_layers
     return MacCount(conv=conv, matmul=matmul, carafe=carafe)
 
 
 def _op_name(op) -> str:
     return getattr(op, "__name__", str(op)).split(".")[0]
+
+
+def _macs(flops_by_op: dict, kinds: set[str]) -> int:
+    """Multiply-accumulates of the counted ops of the given kinds (the counter gives 2 FLOPs per MAC)."""
+    return sum(flops // 2 for op, flops in flops_by_op.items() if _op_name(op) in kinds)
 
 
 def count_parameters(model: nn.Module) -> int:

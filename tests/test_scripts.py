@@ -12,6 +12,11 @@ COMMAND_SCRIPTS = {"train": "train", "evaluate": "evaluate", "predict": "predict
                    "export": "export", "check_data": "check-data"}
 
 
+def help_options(text):
+    """The ``--options`` a help text lists (usage line and option list)."""
+    return sorted({word.strip("[],") for word in text.split() if word.startswith(("--", "[--"))})
+
+
 def run(*argv, cwd=ROOT):
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=cwd, timeout=300)
 
@@ -27,8 +32,7 @@ def test_command_scripts_offer_the_commands_options(script):
     from_script = run(str(ROOT / "scripts" / f"{script}.py"), "--help", cwd=ROOT / "tests")
     from_cli = run("-m", "offseg_hf", command, "--help")
     assert from_script.returncode == 0 and from_cli.returncode == 0, from_script.stderr + from_cli.stderr
-    options = lambda text: sorted(set(word for word in text.split() if word.startswith("--")))  # noqa: E731
-    assert options(from_script.stdout) == options(from_cli.stdout) and len(options(from_cli.stdout)) >= 2
+    assert help_options(from_script.stdout) == help_options(from_cli.stdout) and len(help_options(from_cli.stdout)) >= 2
 
 
 def test_a_command_script_reports_errors_as_the_cli_does(tmp_path):
@@ -42,5 +46,4 @@ def test_tool_scripts_run_the_checkout_tools_from_anywhere(script, module):
     from_module = run("-m", module, "--help")
     assert from_script.returncode == 0 and from_module.returncode == 0, from_script.stderr + from_module.stderr
     assert f"python scripts/{script}.py" in from_script.stdout
-    options = lambda text: sorted(set(word.strip("[],") for word in text.split() if word.startswith(("--", "[--"))))  # noqa: E731
-    assert options(from_script.stdout) == options(from_module.stdout) and len(options(from_module.stdout)) >= 3
+    assert help_options(from_script.stdout) == help_options(from_module.stdout) and len(help_options(from_module.stdout)) >= 3
