@@ -13,7 +13,7 @@ from torch import nn
 
 from offseg_hf import OffSegForSemanticSegmentation, carafe, fold_batch_norm
 from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2TalkingHead, pointwise_conv, upsample_bilinear_2x
-from offseg_hf.models.modeling_offseg import neighbour_cosine_similarity
+from offseg_hf.models.modeling_offseg import carafe_by_gather, grid_sample_by_gather, neighbour_cosine_similarity
 from test_modeling_common import tiny_offseg_config
 
 
@@ -64,6 +64,36 @@ def test_carafe_matches_tap_loop_forward_and_gradients(batch, channels, size, ke
     grads = torch.autograd.grad(output, (features, kernels), upstream)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "batch,channels,size,kernel_size,scale,groups",
+    [(2, 6, (5, 7), 3, 1, 1), (2, 8, (4, 6), 5, 2, 2), (3, 4, (6, 2), 3, 2, 4), (1, 2, (1, 1), 5, 1, 1)],
+)
+def test_exported_carafe_form_matches_tap_loop(batch, channels, size, kernel_size, scale, groups):
+    """The gather + matrix-product form ``torch.export`` / ONNX take, against the tap loop in float64."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(batch, channels, *size, dtype=torch.float64, generator=generator)
+    kernels = torch.randn(batch, groups * kernel_size**2, size[0] * scale, size[1] * scale, dtype=torch.float64,
+                          generator=generator)
+    expected = carafe_by_taps(features, kernels, kernel_size, scale, groups)
+    torch.testing.assert_close(carafe_by_gather(features, kernels, kernel_size, scale, groups), expected,
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size, out_size", [((7, 9), (14, 18)), ((1, 1), (2, 2)), ((4, 3), (5, 11))])
+def test_exported_grid_sample_form_matches_grid_sample(size, out_size):
+    """The four-gather bilinear form of the resampler's ``grid_sample`` (border padding, align_corners=False)
+    against ``F.grid_sample`` in float64: points inside, on the outer edges, exactly at the last pixel centre
+    and far outside (clamped to the border)."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 5, *size, dtype=torch.float64, generator=generator)
+    grid = torch.rand(3, *out_size, 2, dtype=torch.float64, generator=generator) * 3 - 1.5
+    grid[0, 0, 0] = torch.tensor([1.0, 1.0])
+    grid[0, 0, 1] = torch.tensor([-1.0, 1.0])
+    grid[1, 0, 0] = torch.tensor([1 - 1 / size[1], 1 - 1 / size[0]])  # the last pixel's centre
+    expected = F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    torch.testing.assert_close(grid_sample_by_gather(features, grid), expected, rtol=0, atol=1e-12)
 
 
 def test_carafe_gradient_of_features_only():
