@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dynamic height and width: one file for every image size >= 33 (default: the --size only)")
     parser.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("HEIGHT", "WIDTH"),
                         help="input size traced (and, without --dynamic-size, the only size the file serves) (default: 512 512)")
-    parser.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: 18)")
+    parser.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: 20)")
     parser.add_argument("--fp16", action="store_true",
                         help="compute in float16 inside the graph; inputs and outputs stay float32 (default: float32)")
     parser.add_argument("--optimize", action="store_true",

@@ -56,8 +56,9 @@ __all__ = [
     "verify_onnx",
 ]
 
-DEFAULT_OPSET = 18
-"""ONNX opset of the exported graph (the dynamo exporter's own default)."""
+DEFAULT_OPSET = 20
+"""ONNX opset of the exported graph: 20 has the ``Gelu`` operator (the backbone's MLPs), which ONNX Runtime runs as
+one kernel where opset 18's ``Erf`` formula is five nodes (OffSeg-T at 512²: 0.93x the opset-18 time)."""
 
 MIN_DYNAMIC_SIDE = 33
 """Smallest height / width a dynamic-size file serves (at 32 pixels and below the stride-32 map has a single

@@ -217,6 +217,10 @@ def carafe_by_gather(features: torch.Tensor, kernels: torch.Tensor, kernel_size:
 
 def normalize_kernels(kernel_logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the k² taps of each pixel's filter: `(B, k², H, W) -> (B, k², H, W)`, rows sum to 1."""
+    if torch.compiler.is_exporting():
+        # Spelled out for ONNX: ONNX Runtime's Softmax over a non-last axis transposes there and back.
+        exponentials = (kernel_logits - kernel_logits.amax(dim=1, keepdim=True)).exp()
+        return exponentials / exponentials.sum(dim=1, keepdim=True)
     return kernel_logits.softmax(dim=1)
 
 
@@ -417,8 +421,8 @@ def grid_sample_by_gather(features: torch.Tensor, grid: torch.Tensor) -> torch.T
     def corner(rows, cols):
         return pixels.index_select(0, (first + rows * width + cols).reshape(-1)).view(images, -1, channels)
 
-    sampled = (corner(y0, x0) * (1 - wx) + corner(y0, x1) * wx) * (1 - wy)
-    sampled = sampled + (corner(y1, x0) * (1 - wx) + corner(y1, x1) * wx) * wy
+    sampled = corner(y0, x0) * ((1 - wx) * (1 - wy)) + corner(y0, x1) * (wx * (1 - wy))
+    sampled = sampled + corner(y1, x0) * ((1 - wx) * wy) + corner(y1, x1) * (wx * wy)
     return sampled.transpose(1, 2).reshape(images, channels, out_height, out_width)
 
 
