@@ -53,13 +53,7 @@ class OffsetLearning(nn.Module):
 
     def class_offset(self, attention: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
         """``ΔW`` `(B, K, C)`: the features pooled per class by a softmax over pixels, projected (Eq. 5–8)."""
-        if torch.compiler.is_exporting():
-            # Spelled out for ONNX: ONNX Runtime's Softmax over a non-last axis transposes there and back.
-            exponentials = (attention - attention.amax(dim=1, keepdim=True)).exp()
-            weights = exponentials / exponentials.sum(dim=1, keepdim=True)
-        else:
-            weights = attention.softmax(dim=1)
-        return self.class_offset_proj(weights.transpose(1, 2) @ pixels)
+        return self.class_offset_proj(attention.softmax(dim=1).transpose(1, 2) @ pixels)
 
     def feature_offset(self, attention: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
         """``ΔE`` `(B, HW, C)`: the class embeddings mixed per pixel by a softmax over classes, projected (Eq. 9–12)."""
