@@ -9,6 +9,9 @@ Interleaved rounds (every variant once per round, ratios taken within a round, m
   Runtime's static quantiser on it (:func:`offseg_hf.deploy.quantization.quantize_onnx`);
 * the baseline (transformers' SegFormer-B0, random weights) eager and in ONNX Runtime, exported the same way.
 
+The ONNX Runtime sessions do not busy-wait between runs (``spin=False``): spinning threads would take the cores
+from the PyTorch variant that runs next in the round.
+
 Drift: arg-max agreement of each variant with float32 eager on synthetic scenes at the benchmark size (random
 weights), and, with ``--trained DIR`` (a model trained on the synthetic dataset, e.g. ``offseg train --dataset
 synthetic --model offseg-t --max-steps 300``), the mIoU of each variant on the synthetic validation set.
@@ -83,13 +86,13 @@ def _variants(model, processor, size, threads, work_dir, name, compile):
     setup["ONNX export (dynamic)"] = report.export_seconds
     setup["ONNX verify (3 sizes)"] = report.verify_seconds
     print(report.summary(), flush=True)
-    segmenter = OnnxSegmenter(path, threads=threads)
+    segmenter = OnnxSegmenter(path, threads=threads, spin=False)
     variants["ONNX Runtime fp32"] = lambda pixel_values: torch.from_numpy(segmenter(pixel_values.numpy()))
     try:
         start = time.perf_counter()
         quantize_onnx(path, f"{work_dir}/{name}-int8.onnx", calibration)
         setup["ONNX Runtime int8 quantisation"] = time.perf_counter() - start
-        int8 = OnnxSegmenter(f"{work_dir}/{name}-int8.onnx", threads=threads)
+        int8 = OnnxSegmenter(f"{work_dir}/{name}-int8.onnx", threads=threads, spin=False)
         variants["ONNX Runtime int8 (QDQ)"] = lambda pixel_values: torch.from_numpy(int8(pixel_values.numpy()))
     except Exception as error:  # noqa: BLE001 - reported, the rest of the benchmark runs
         print(f"ONNX Runtime int8 quantisation of {name} failed: {type(error).__name__}: {str(error)[:300]}")
@@ -135,7 +138,7 @@ def run(args) -> int:
     report = export_onnx(baseline, f"{work_dir}/baseline.onnx", processor=processor, dynamic_size=True, size=size)
     print(report.summary(), flush=True)
     base_setup["ONNX export (dynamic)"] = report.export_seconds
-    base_segmenter = OnnxSegmenter(report.path, threads=args.threads)
+    base_segmenter = OnnxSegmenter(report.path, threads=args.threads, spin=False)
     base_variants[f"{args.baseline} eager fp32"] = lambda pixel_values: baseline(pixel_values=pixel_values).logits
     base_variants[f"{args.baseline} ONNX Runtime fp32"] = lambda pv: torch.from_numpy(base_segmenter(pv.numpy()))
 

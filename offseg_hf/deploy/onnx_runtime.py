@@ -49,6 +49,9 @@ class OnnxSegmenter:
         path: the ``.onnx`` file.
         providers: ONNX Runtime execution providers (default: CPU).
         threads: intra-op threads of the session (default: ONNX Runtime's choice).
+        spin: whether idle intra-op threads busy-wait for the next run (ONNX Runtime's default, lowest latency
+            when the session has the CPU to itself); ``False`` frees the cores between runs, for a process that
+            also computes with PyTorch (benchmarks interleaving both).
 
     Attributes:
         metadata: the file's metadata (:func:`read_metadata`): ``id2label``, ``preprocessing``, ``protocol``, …
@@ -58,7 +61,9 @@ class OnnxSegmenter:
         input_shape: the input's dimensions, ``None`` for dynamic ones.
     """
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(
+        self, path: str | Path, providers: list[str] | None = None, threads: int | None = None, spin: bool = True
+    ):
         import onnxruntime
 
         path = Path(path)
@@ -67,6 +72,8 @@ class OnnxSegmenter:
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = onnxruntime.InferenceSession(
                 str(path), options, providers=providers or ["CPUExecutionProvider"]
