@@ -195,7 +195,7 @@ def carafe_by_gather(features: torch.Tensor, kernels: torch.Tensor, kernel_size:
     """
     batch, channels, height, width = features.shape
     images, taps, radius = batch * groups, kernel_size * kernel_size, kernel_size // 2
-    rows, cols = height + 2 * radius, width + 2 * radius
+    rows, cols, _ = _carafe_layout(batch, groups, height, width, radius)
     padded = F.pad(features, [radius] * 4).reshape(images, channels // groups, rows * cols)
     pixels = padded.transpose(1, 2).reshape(images * rows * cols, channels // groups)
     device = features.device
@@ -380,12 +380,13 @@ class OffSegSimilaritySampler(nn.Module):
         grid = grid.permute(0, 2, 3, 4, 1).flatten(0, 1)
         grouped = features.reshape(batch * self.groups, -1, features.shape[-2], features.shape[-1])
         if torch.compiler.is_exporting():
-            return grid_sample_by_gather(grouped, grid).reshape(batch, -1, self.scale * height, self.scale * width)
-        if grouped.dtype in (torch.float16, torch.bfloat16):
-            # torch 2.14's CPU grid_sample returns NaN in half precision for this channels-innermost view (the
-            # layout CARAFE returns); float32/64 read it correctly and faster than a transposed copy.
-            grouped = grouped.contiguous()
-        sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            sampled = grid_sample_by_gather(grouped, grid)
+        else:
+            if grouped.dtype in (torch.float16, torch.bfloat16):
+                # torch 2.14's CPU grid_sample returns NaN in half precision for this channels-innermost view (the
+                # layout CARAFE returns); float32/64 read it correctly and faster than a transposed copy.
+                grouped = grouped.contiguous()
+            sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
         return sampled.reshape(batch, -1, self.scale * height, self.scale * width)
 
 
@@ -408,8 +409,8 @@ def grid_sample_by_gather(features: torch.Tensor, grid: torch.Tensor) -> torch.T
     images, channels, height, width = features.shape
     out_height, out_width = grid.shape[1:3]
     # Source coordinates in pixels (align_corners=False), clamped to the image ("border" padding).
-    x = (((grid[..., 0] + 1) * width - 1) / 2).clamp(min=0).clamp(max=width - 1).reshape(images, -1, 1)
-    y = (((grid[..., 1] + 1) * height - 1) / 2).clamp(min=0).clamp(max=height - 1).reshape(images, -1, 1)
+    x = (((grid[..., 0] + 1) * width - 1) / 2).clamp(0, width - 1).reshape(images, -1, 1)
+    y = (((grid[..., 1] + 1) * height - 1) / 2).clamp(0, height - 1).reshape(images, -1, 1)
     x0, y0 = x.floor(), y.floor()
     wx, wy = x - x0, y - y0
     x0, y0 = x0.long(), y0.long()
