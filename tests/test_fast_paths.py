@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from offseg_hf import OffSegForSemanticSegmentation, carafe, fold_batch_norm
-from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2TalkingHead, pointwise_conv, upsample_bilinear_2x
+from offseg_hf.models.modeling_efficientformer_v2 import (
+    EfficientFormerV2Mlp,
+    EfficientFormerV2TalkingHead,
+    pointwise_conv,
+    upsample_bilinear_2x,
+)
 from offseg_hf.models.modeling_offseg import carafe_by_gather, grid_sample_by_gather, neighbour_cosine_similarity
 from test_modeling_common import tiny_offseg_config
 
@@ -152,7 +157,8 @@ def test_talking_head_is_a_1x1_convolution_across_heads():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pointwise_conv_is_a_1x1_convolution(bias, channels_last):
+@pytest.mark.parametrize("output_channels_last", [False, True])
+def test_pointwise_conv_is_a_1x1_convolution(bias, channels_last, output_channels_last):
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(2, 5, 4, 6, dtype=torch.float64, generator=generator)
     if channels_last:
@@ -161,11 +167,33 @@ def test_pointwise_conv_is_a_1x1_convolution(bias, channels_last):
     weight = torch.randn(3, 5, 1, 1, dtype=torch.float64, generator=generator, requires_grad=True)
     bias = torch.randn(3, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
     expected = F.conv2d(features, weight, bias)
-    output = pointwise_conv(features, weight, bias)
+    output = pointwise_conv(features, weight, bias, channels_last=output_channels_last)
     torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
+    layout = torch.channels_last if output_channels_last else torch.contiguous_format
+    assert output.is_contiguous(memory_format=layout)
     upstream = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
     inputs = [t for t in (features, weight, bias) if t is not None]
     for grad, expected_grad in zip(torch.autograd.grad(output, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+
+
+def test_mlp_with_a_channels_last_hidden_map_computes_the_nchw_function():
+    """The MLP keeps its hidden map channels-last between fc1 and fc2 (and activates it through the (B, H, W, C)
+    view); outputs and gradients equal those of the all-NCHW MLP, in training mode (BatchNorm on the batch)."""
+    torch.manual_seed(0)
+    config = tiny_offseg_config().backbone_config
+    mlp = EfficientFormerV2Mlp(config, 6, 16).double().train()
+    assert mlp.fc1.channels_last
+    features = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    output = mlp(features)
+    assert output.is_contiguous()
+    upstream = torch.randn_like(output)
+    inputs = [features, *mlp.parameters()]
+    grads = torch.autograd.grad(output, inputs, upstream)
+    mlp.fc1.channels_last = False
+    expected = mlp(features)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, inputs, upstream)):
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
 
 

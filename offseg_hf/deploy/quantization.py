@@ -60,8 +60,8 @@ def as_plain_layers(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose subclasses of ``nn.Conv2d`` / ``nn.Linear`` are plain ``nn.Conv2d`` / ``nn.Linear``.
 
     Every such subclass in this package computes its base layer's function: some only change the initialisation
-    (``OffSegKernelEncoder``…), others run it as a matrix product for speed (``OffSegProjectionConv``,
-    ``EfficientFormerV2PointwiseConv``, ``EfficientFormerV2TalkingHead``). PT2E quantisers find their layers by the
+    (``OffSegKernelEncoder``…), others run it as a matrix product for speed (``PointwiseConv2d`` and its
+    subclasses). PT2E quantisers find their layers by the
     exact module type (``get_source_partitions(graph, [nn.Conv2d, F.conv2d])``) and would leave the subclasses in
     float32."""
     model = copy.deepcopy(model)

@@ -55,6 +55,52 @@ def relative_position_index(query_grid: int, key_grid: int) -> tuple[torch.Tenso
     return offset[0] * key_grid + offset[1], key_grid**2
 
 
+def pointwise_conv(
+    hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, channels_last: bool = False
+) -> torch.Tensor:
+    """A 1×1 convolution `(B, C_in, H, W) -> (B, C_out, H, W)` computed as one batched matrix product ``W · X[b]``.
+
+    The same function as ``F.conv2d(x, weight, bias)``; on CPU 1.3–2.2× faster for NCHW float32 maps (oneDNN
+    reorders NCHW maps to its blocked layout and back around every convolution: 256→256 channels at 128×128,
+    6.7 vs 14.7 ms), and its backward is two more matrix products. The input may be NCHW or channels-last.
+
+    Args:
+        channels_last: return the result in channels-last memory layout (``X[b]ᵀ · Wᵀ``, same values), the layout
+            in which oneDNN runs a following depthwise convolution without reordering (3×3 over 128 channels at
+            128×128: 2.2 vs 14 ms NCHW).
+
+    Compiled or exported (``torch.compile``, ``torch.export`` / ONNX) it stays a convolution: inductor plans the
+    layouts of its convolutions itself, and the matrix-product forms of this function, of the talking heads and of
+    :func:`upsample_bilinear_2x` made compiled OffSeg-T slower (222 vs 169 ms at 512², 2 CPU threads).
+    """
+    if torch.compiler.is_compiling():
+        return F.conv2d(hidden_states, weight, bias)
+    batch, channels, height, width = hidden_states.shape
+    matrix = weight.view(weight.shape[0], channels).expand(batch, -1, -1)
+    pixels = hidden_states.reshape(batch, channels, height * width)
+    if channels_last:
+        pixels, matrix = pixels.transpose(1, 2), matrix.transpose(1, 2)  # Xᵀ (B, HW, C_in), Wᵀ (B, C_in, C_out)
+        output = torch.bmm(pixels, matrix) if bias is None else torch.baddbmm(bias.view(1, 1, -1), pixels, matrix)
+        return output.transpose(1, 2).unflatten(2, (height, width))  # (B, HW, C_out) viewed as (B, C_out, H, W)
+    if bias is None:
+        output = torch.bmm(matrix, pixels)
+    else:
+        output = torch.baddbmm(bias.view(1, -1, 1), matrix, pixels)
+    return output.view(batch, -1, height, width)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1)`` (same parameters and function) run by :func:`pointwise_conv`;
+    ``channels_last`` sets the memory layout of its output."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, channels_last: bool = False):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+        self.channels_last = channels_last
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return pointwise_conv(hidden_states, self.weight, self.bias, self.channels_last)
+
+
 class EfficientFormerV2ConvNorm(nn.Sequential):
     """Conv2d followed by BatchNorm2d: `(B, C_in, H, W) -> (B, C_out, H / stride, W / stride)`."""
 
@@ -62,9 +108,12 @@ class EfficientFormerV2ConvNorm(nn.Sequential):
 
     def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, eps=1e-5):
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups
-        )
+        if kernel_size == 1 and stride == 1 and groups == 1:
+            self.conv = PointwiseConv2d(in_channels, out_channels)
+        else:
+            self.conv = nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups
+            )
         self.norm = nn.BatchNorm2d(out_channels, eps=eps)
 
 
@@ -146,16 +195,12 @@ def eager_attention_forward(
     return torch.matmul(attention, value).transpose(1, 2).contiguous(), attention
 
 
-class EfficientFormerV2TalkingHead(nn.Conv2d):
-    """Talking heads: a 1×1 convolution across the heads of attention logits, `(B, heads, N_q, N_k)` → same shape,
-    run by :func:`pointwise_conv` (6× faster on CPU than the convolution for 8 heads of 256×256 logits: 0.12 vs
-    0.72 ms)."""
+class EfficientFormerV2TalkingHead(PointwiseConv2d):
+    """Talking heads: a 1×1 convolution across the heads of attention logits, `(B, heads, N_q, N_k)` → same shape
+    (as a matrix product, 6× faster on CPU than the convolution for 8 heads of 256×256 logits: 0.12 vs 0.72 ms)."""
 
     def __init__(self, heads: int):
-        super().__init__(heads, heads, 1)
-
-    def forward(self, attention: torch.Tensor) -> torch.Tensor:
-        return pointwise_conv(attention, self.weight, self.bias)
+        super().__init__(heads, heads)
 
 
 class EfficientFormerV2Attention(nn.Module):
@@ -297,49 +342,22 @@ class EfficientFormerV2Downsample(nn.Module):
         return output
 
 
-def pointwise_conv(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1×1 convolution `(B, C_in, H, W) -> (B, C_out, H, W)` computed as one batched matrix product ``W · X[b]``.
-
-    The same function as ``F.conv2d(x, weight, bias)``; on CPU 1.3–2.2× faster for NCHW float32 maps (oneDNN
-    reorders NCHW maps to its blocked layout and back around every convolution: 256→256 channels at 128×128,
-    6.7 vs 14.7 ms), and its backward is two more matrix products.
-
-    Compiled or exported (``torch.compile``, ``torch.export`` / ONNX) it stays a convolution: inductor plans the
-    layouts of its convolutions itself, and the matrix-product forms of this function, of the talking heads and of
-    :func:`upsample_bilinear_2x` made compiled OffSeg-T slower (222 vs 169 ms at 512², 2 CPU threads).
-    """
-    if torch.compiler.is_compiling():
-        return F.conv2d(hidden_states, weight, bias)
-    batch, channels, height, width = hidden_states.shape
-    matrix = weight.view(weight.shape[0], channels).expand(batch, -1, -1)
-    pixels = hidden_states.reshape(batch, channels, height * width)
-    if bias is None:
-        output = torch.bmm(matrix, pixels)
-    else:
-        output = torch.baddbmm(bias.view(1, -1, 1), matrix, pixels)
-    return output.view(batch, -1, height, width)
-
-
-class EfficientFormerV2PointwiseConv(nn.Conv2d):
-    """1×1 convolution of the MLP (a type of its own: it gets the truncated-normal init), run by
-    :func:`pointwise_conv`."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, 1)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return pointwise_conv(hidden_states, self.weight, self.bias)
+class EfficientFormerV2PointwiseConv(PointwiseConv2d):
+    """1×1 convolution of the MLP (a type of its own: it gets the truncated-normal init)."""
 
 
 class EfficientFormerV2Mlp(nn.Module):
-    """Convolutional MLP: `fc1 → BN → act → dw3×3 → BN → act → fc2 → BN`, `(B, C, H, W) -> (B, C, H, W)`."""
+    """Convolutional MLP: `fc1 → BN → act → dw3×3 → BN → act → fc2 → BN`, `(B, C, H, W) -> (B, C, H, W)`.
+
+    The hidden map between fc1 and fc2 is channels-last in memory (see :func:`pointwise_conv`); fc2 returns NCHW.
+    """
 
     conv_norm_pairs = (("fc1", "norm1"), ("depthwise", "depthwise_norm"), ("fc2", "norm2"))
 
     def __init__(self, config: EfficientFormerV2Config, dim: int, hidden_dim: int):
         super().__init__()
         eps = config.batch_norm_eps
-        self.fc1 = EfficientFormerV2PointwiseConv(dim, hidden_dim)
+        self.fc1 = EfficientFormerV2PointwiseConv(dim, hidden_dim, channels_last=True)
         self.norm1 = nn.BatchNorm2d(hidden_dim, eps=eps)
         self.depthwise = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
         self.depthwise_norm = nn.BatchNorm2d(hidden_dim, eps=eps)
@@ -348,9 +366,16 @@ class EfficientFormerV2Mlp(nn.Module):
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.act(self.norm1(self.fc1(hidden_states)))
-        hidden_states = self.act(self.depthwise_norm(self.depthwise(hidden_states)))
+        hidden_states = self._activate(self.norm1(self.fc1(hidden_states)))
+        hidden_states = self._activate(self.depthwise_norm(self.depthwise(hidden_states)))
         return self.norm2(self.fc2(hidden_states))
+
+    def _activate(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``act`` of the channels-last hidden map, through its contiguous `(B, H, W, C)` view when eager (torch
+        2.14's CPU GELU takes 2× longer on a channels-last NCHW tensor than on the same memory seen as contiguous)."""
+        if torch.compiler.is_compiling() or not self.fc1.channels_last:
+            return self.act(hidden_states)
+        return self.act(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class EfficientFormerV2DropPath(nn.Module):
@@ -563,4 +588,10 @@ def fold_batch_norm(model: nn.Module) -> int:
     return folded
 
 
-__all__ = ["EfficientFormerV2Backbone", "EfficientFormerV2PreTrainedModel", "fold_batch_norm", "pointwise_conv"]
+__all__ = [
+    "EfficientFormerV2Backbone",
+    "EfficientFormerV2PreTrainedModel",
+    "PointwiseConv2d",
+    "fold_batch_norm",
+    "pointwise_conv",
+]

@@ -35,7 +35,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_offseg import EfficientFormerV2Config, OffSegConfig
 from .loss import semantic_segmentation_loss
-from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, pointwise_conv
+from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, PointwiseConv2d
 from .offset_learning import OffsetLearning
 
 # Inputs are padded to a multiple of this (the backbone's total stride; its stage-3 attention halves the grid).
@@ -278,15 +278,11 @@ def _dilated_neighbours(features: torch.Tensor, dilation: int) -> torch.Tensor:
     )
 
 
-class OffSegProjectionConv(nn.Conv2d):
-    """1×1 convolution without bias of the decoder's conv blocks (Kaiming-normal init, fan_out, ReLU), run as a
-    matrix product (:func:`~offseg_hf.models.modeling_efficientformer_v2.pointwise_conv`)."""
+class OffSegProjectionConv(PointwiseConv2d):
+    """1×1 convolution without bias of the decoder's conv blocks (Kaiming-normal init, fan_out, ReLU)."""
 
     def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, 1, bias=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return pointwise_conv(hidden_states, self.weight, self.bias)
+        super().__init__(in_channels, out_channels, bias=False)
 
 
 class OffSegKernelEncoder(nn.Conv2d):
@@ -445,8 +441,8 @@ class OffSegFreqFusion(nn.Module):
         self.lowpass_kernel = config.freqfusion_lowpass_kernel
         self.highpass_kernel = config.freqfusion_highpass_kernel
         encoder_kernel = config.freqfusion_encoder_kernel
-        self.hr_channel_compressor = nn.Conv2d(hr_channels, compressed, 1)
-        self.lr_channel_compressor = nn.Conv2d(lr_channels, compressed, 1)
+        self.hr_channel_compressor = PointwiseConv2d(hr_channels, compressed)
+        self.lr_channel_compressor = PointwiseConv2d(lr_channels, compressed)
         self.lowpass_encoder = OffSegKernelEncoder(compressed, self.lowpass_kernel, encoder_kernel)
         self.highpass_encoder = OffSegKernelEncoder(compressed, self.highpass_kernel, encoder_kernel)
         self.resampler = OffSegSimilaritySampler(
