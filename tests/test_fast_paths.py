@@ -52,7 +52,14 @@ def similarity_by_shifts(features, dilation=2):
 
 @pytest.mark.parametrize(
     "batch,channels,size,kernel_size,scale,groups",
-    [(2, 6, (5, 7), 3, 1, 1), (2, 8, (4, 6), 5, 2, 2), (1, 5, (3, 3), 5, 2, 1), (3, 4, (6, 2), 3, 2, 4), (1, 2, (1, 1), 5, 1, 1)],
+    [
+        (2, 6, (5, 7), 3, 1, 1),
+        (2, 8, (4, 6), 3, 1, 2),
+        (2, 8, (4, 6), 5, 2, 2),
+        (1, 5, (3, 3), 5, 2, 1),
+        (3, 4, (6, 2), 3, 2, 4),
+        (1, 2, (1, 1), 5, 1, 1),
+    ],
 )
 def test_carafe_matches_tap_loop_forward_and_gradients(batch, channels, size, kernel_size, scale, groups):
     generator = torch.Generator().manual_seed(0)
