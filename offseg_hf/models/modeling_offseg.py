@@ -490,11 +490,11 @@ class OffSegFreqFusion(nn.Module):
             self.lowpass_encoder(lr_compressed), normalize_kernels(lowpass_from_hr), low_k, scale=2
         )
         lowpass_kernels = normalize_kernels(lowpass_kernels)
-        highpass_kernels = highpass_from_hr + carafe(
-            self.highpass_encoder(lr_compressed), lowpass_kernels, low_k, scale=2
-        )
-
-        lr_upsampled = carafe(lr_features, lowpass_kernels, low_k, scale=2)
+        # The low-res high-pass kernels and the low-res feature are upsampled by the same ALPF kernels: one CARAFE.
+        highpass_from_lr = self.highpass_encoder(lr_compressed).to(lr_features.dtype)
+        upsampled = carafe(torch.cat([highpass_from_lr, lr_features], dim=1), lowpass_kernels, low_k, scale=2)
+        highpass_kernels = highpass_from_hr + upsampled[:, : high_k * high_k]
+        lr_upsampled = upsampled[:, high_k * high_k :]
         hr_features = 2 * hr_features - carafe(hr_features, normalize_kernels(highpass_kernels), high_k)
         lr_upsampled = self.resampler(hr_compressed, lr_compressed, lr_upsampled)
         return hr_features, lr_upsampled
