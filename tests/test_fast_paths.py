@@ -184,23 +184,35 @@ def test_pointwise_conv_is_a_1x1_convolution(bias, channels_last, output_channel
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
 
 
-def test_mlp_with_a_channels_last_hidden_map_computes_the_nchw_function():
-    """The MLP keeps its hidden map channels-last between fc1 and fc2 (and activates it through the (B, H, W, C)
-    view); outputs and gradients equal those of the all-NCHW MLP, in training mode (BatchNorm on the batch)."""
+def test_mlp_inference_with_a_channels_last_hidden_map_computes_the_training_function():
+    """For inference the MLP keeps its hidden map channels-last between fc1 and fc2 (activated through the
+    (B, H, W, C) view); with autograd recording it stays NCHW. Both compute the same function, and the NCHW path's
+    gradients are those of the plain convolutions."""
     torch.manual_seed(0)
     config = tiny_offseg_config().backbone_config
-    mlp = EfficientFormerV2Mlp(config, 6, 16).double().train()
-    assert mlp.fc1.channels_last
+    mlp = EfficientFormerV2Mlp(config, 6, 16).double().eval()
+    for norm in (mlp.norm1, mlp.depthwise_norm, mlp.norm2):
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2)
     features = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        hidden = mlp.fc1(features, channels_last=True)
+        inferred = mlp(features)
+    assert hidden.is_contiguous(memory_format=torch.channels_last) and inferred.is_contiguous()
     output = mlp(features)
-    assert output.is_contiguous()
+    torch.testing.assert_close(inferred, output, rtol=0, atol=1e-12)
+
+    def plain(x):
+        x = mlp.act(F.batch_norm(F.conv2d(x, mlp.fc1.weight, mlp.fc1.bias), mlp.norm1.running_mean,
+                                 mlp.norm1.running_var, mlp.norm1.weight, mlp.norm1.bias, eps=mlp.norm1.eps))
+        x = mlp.act(mlp.depthwise_norm(mlp.depthwise(x)))
+        return mlp.norm2(F.conv2d(x, mlp.fc2.weight, mlp.fc2.bias))
+
+    expected = plain(features)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
     upstream = torch.randn_like(output)
     inputs = [features, *mlp.parameters()]
-    grads = torch.autograd.grad(output, inputs, upstream)
-    mlp.fc1.channels_last = False
-    expected = mlp(features)
-    torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
-    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, inputs, upstream)):
+    for grad, expected_grad in zip(torch.autograd.grad(output, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)):
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
 
 
