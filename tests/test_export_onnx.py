@@ -84,7 +84,7 @@ def test_graph_is_dynamic_and_carries_the_preprocessing(exported, model_dir):
 def test_graph_takes_the_gather_forms_of_carafe_and_the_resampler(exported, model_dir):
     """CARAFE's windows and the resampler's bilinear points are whole-row Gathers of pixel-major maps (one per
     CARAFE call — four per fusion — one per bilinear corner), not the strided views / GridSample the eager model
-    runs: ONNX Runtime runs those element by element (the full OffSeg-T: 231 such Gathers and 1.25 s before, 27
+    runs: ONNX Runtime runs those element by element (the full OffSeg-T: 231 such Gathers and 1.25 s before, 24
     and 0.41 s after)."""
     import onnx
 
