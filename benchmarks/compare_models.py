@@ -21,6 +21,11 @@ def add_arguments(parser):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor) inference")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory of a training step and of inference")
     parser.add_argument(
+        "--products", action="store_true",
+        help="also profile the time per forward in convolutions and matrix products (eager, and compiled with "
+        "--compile): the part of the latency no other change can remove at this machine's library speed",
+    )
+    parser.add_argument(
         "--device", default="cpu",
         help="cpu (the full table) or cuda: latency with CUDA events for fp32/bf16/fp16 autocast, batch 1 and 8, "
         "eager / compiled / CUDA graphs (default: cpu)",
@@ -49,6 +54,7 @@ def run(args) -> int:
     rows = run_benchmark(
         args.models, size=args.size, runs=args.runs, warmup=args.warmup, threads=args.threads,
         baseline=args.baseline, train_runs=args.train_runs, compile=args.compile, memory=args.memory,
+        products=args.products,
     )
     load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
     print(

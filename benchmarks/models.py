@@ -29,6 +29,8 @@ from offseg_hf.models.modeling_efficientformer_v2 import fold_batch_norm
 from offseg_hf.models.modeling_offseg import OffSegFreqFusion
 
 _CONV_OPS = {"convolution", "_convolution", "conv2d", "mkldnn_convolution"}
+_PRODUCT_OPS = {"conv2d", "conv_transpose2d", "mm", "bmm", "addmm", "baddbmm", "baddbmm_", "matmul", "linear",
+                "_linear_pointwise", "_mkl_linear"}  # profiler names of the operators product_seconds sums
 _MATMUL_OPS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "_scaled_dot_product_flash_attention",
                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
 
@@ -132,6 +134,28 @@ def count_operators(function: Callable[[torch.Tensor], object], pixel_values: to
     with torch.no_grad(), counter:
         function(pixel_values)
     return counter.count
+
+
+def product_seconds(function: Callable[[], object], runs: int = 3) -> float:
+    """Seconds per call that ``function`` spends in convolutions and matrix products (profiler self CPU time of
+    the aten / oneDNN convolution and ``mm``-family operators, and of inductor's external calls to them).
+
+    A floor for the model's latency on this machine: whatever the rest costs, a forward cannot be faster than its
+    products at the rate the libraries (oneDNN, MKL) run them. The profiler adds overhead per operator, so this
+    is an upper estimate of that floor, not of the latency.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    function()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(runs):
+            function()
+    total = 0.0
+    for event in profiler.key_averages():
+        name = event.key.split("::")[-1]
+        if "convolution" in name or name.startswith("_scaled_dot_product") or name in _PRODUCT_OPS:
+            total += event.self_cpu_time_total
+    return total / runs / 1e6
 
 
 class Timer:
@@ -310,6 +334,8 @@ class BenchmarkRow:
     compiled_latencies: list[float] | None = None
     compiled_ratio: float | None = None
     compiled_max_diff: float | None = None
+    product_time: float | None = None
+    compiled_product_time: float | None = None
     train_times: list[float] | None = None
     train_ratio: float | None = None
     train_batch: int = 2
@@ -336,12 +362,14 @@ def run_benchmark(
     train_runs: int = 0,
     compile: bool = False,
     memory: bool = False,
+    products: bool = False,
 ) -> list[BenchmarkRow]:
     """Benchmark the models in one process on a `1×3×size×size` input, interleaved round by round.
 
     Inference runs the models as ``offseg predict`` does (eval, BatchNorm folded). ``train_runs`` > 0 adds one
     AdamW step at batch 2 per round; ``compile`` adds ``torch.compile`` (inductor) inference; ``memory`` adds
-    the peak memory of a training step and of inference, each in a fresh process.
+    the peak memory of a training step and of inference, each in a fresh process; ``products`` adds the time per
+    forward spent in convolutions and matrix products (:func:`product_seconds`), eager and compiled.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -369,6 +397,9 @@ def run_benchmark(
     for name, row in rows.items():
         row.latencies = times[name]
         row.latency_ratio = median_ratio(times[name], times[baseline])
+        if products:
+            with torch.inference_mode():
+                row.product_time = product_seconds(lambda m=models[name]: m(pixel_values))
     if compile:
         compiled = {name: torch.compile(model) for name, model in models.items()}
         with torch.inference_mode():
@@ -380,6 +411,9 @@ def run_benchmark(
         for name, row in rows.items():
             row.compiled_latencies = times[name]
             row.compiled_ratio = median_ratio(times[name], times[baseline])
+            if products:
+                with torch.inference_mode():
+                    row.compiled_product_time = product_seconds(compiled[name])
     del models
     if train_runs:
         steps = {name: training_step(build_model(name, num_labels), size=size, num_labels=num_labels) for name in names}
@@ -412,6 +446,17 @@ def format_table(rows: list[BenchmarkRow], baseline: str = "segformer-b0") -> st
             ("compiled / own eager", lambda r: f"{statistics.median(r.compiled_latencies) / r.median_latency:.2f}"),
             (f"compiled / compiled {base.name}", lambda r: f"{r.compiled_ratio:.2f}"),
             ("compiled max abs diff", lambda r: f"{r.compiled_max_diff:.1e}"),
+        ]
+    if base.product_time is not None:
+        columns += [
+            ("products / forward (s)", lambda r: f"{r.product_time:.3f}"),
+            (f"products / {base.name} latency", lambda r: f"{r.product_time / base.median_latency:.2f}"),
+        ]
+    if base.compiled_product_time is not None:
+        compiled_base = statistics.median(base.compiled_latencies)
+        columns += [
+            ("compiled products / forward (s)", lambda r: f"{r.compiled_product_time:.3f}"),
+            (f"compiled products / compiled {base.name} latency", lambda r: f"{r.compiled_product_time / compiled_base:.2f}"),
         ]
     if base.train_times is not None:
         columns += [

@@ -17,6 +17,7 @@ from benchmarks.models import (
     median_ratio,
     peak_memory_mib,
     prepare_for_inference,
+    product_seconds,
     run_benchmark,
     run_device_benchmark,
 )
@@ -41,7 +42,7 @@ def test_mac_counts_match_reference(fixtures_dir, preset):
 
 def test_benchmark_table_has_ratios_against_segformer():
     rows = run_benchmark(
-        ["offseg-t"], size=64, runs=2, warmup=0, threads=None, num_labels=5, train_runs=1
+        ["offseg-t"], size=64, runs=2, warmup=0, threads=None, num_labels=5, train_runs=1, products=True
     )
     assert [row.name for row in rows] == ["segformer-b0", "offseg-t"]  # the baseline is added
     assert rows[1].parameters == count_parameters(build_model("offseg-t", 5))
@@ -51,6 +52,18 @@ def test_benchmark_table_has_ratios_against_segformer():
     lines = format_table(rows).splitlines()
     assert "inference / segformer-b0" in lines[0] and "train / segformer-b0" in lines[0]
     assert len(lines) == 4 and lines[2].split("|")[7].strip() == "1.00"  # the baseline against itself
+    assert "products / segformer-b0 latency" in lines[0] and all(row.product_time > 0 for row in rows)
+
+
+def test_product_time_counts_convolutions_and_matrix_products_only():
+    matrix, image = torch.randn(256, 256), torch.randn(1, 16, 64, 64)
+    weight = torch.randn(16, 16, 3, 3)
+    assert product_seconds(lambda: matrix.exp().sum()) == 0
+    assert product_seconds(lambda: matrix @ matrix) > 0
+    assert product_seconds(lambda: torch.nn.functional.conv2d(image, weight)) > 0
+    # inductor calls the library products as external kernels, which the profiler still names
+    compiled = torch.compile(lambda: (matrix @ matrix).relu())
+    assert product_seconds(compiled) > 0
 
 
 def test_peak_memory_of_a_training_step_is_measured_in_a_fresh_process():
