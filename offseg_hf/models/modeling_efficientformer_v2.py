@@ -349,9 +349,9 @@ class EfficientFormerV2Mlp(nn.Module):
     """Convolutional MLP: `fc1 → BN → act → dw3×3 → BN → act → fc2 → BN`, `(B, C, H, W) -> (B, C, H, W)`.
 
     For inference (no autograd graph recorded) the hidden map between fc1 and fc2 is channels-last in memory, in
-    which oneDNN runs the depthwise 3×3 without reordering (see :func:`pointwise_conv`; OffSeg-T 0.94× its eager
-    time); a training step keeps it NCHW (1.14× slower channels-last: BatchNorm and the depthwise backward).
-    fc2 returns NCHW either way.
+    which oneDNN runs the depthwise 3×3 without reordering (see :func:`pointwise_conv`; interleaved A/B of this
+    layout alone: OffSeg-T 0.955× its eager time with NCHW hidden maps); a training step keeps it NCHW (1.14×
+    slower channels-last: BatchNorm and the depthwise backward). fc2 returns NCHW either way.
     """
 
     conv_norm_pairs = (("fc1", "norm1"), ("depthwise", "depthwise_norm"), ("fc2", "norm2"))
