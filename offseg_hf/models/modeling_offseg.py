@@ -48,18 +48,21 @@ def _carafe_layout(batch: int, groups: int, height: int, width: int, radius: int
     return rows, cols, batch * groups * rows * cols
 
 
-def _carafe_stack_features(features: torch.Tensor, groups: int, radius: int) -> torch.Tensor:
-    """`(B, C, h, w)` -> zero-padded pixel-major buffer `(B·G·(h+2r) + 2r + 1, w + 2r, C/G)`.
+def _carafe_stack_features(features: torch.Tensor, groups: int, radius: int, channel_multiple: int = 1) -> torch.Tensor:
+    """`(B, C, h, w)` -> zero-padded pixel-major buffer `(B·G·(h+2r) + 2r + 1, w + 2r, C')`, C' = C/G rounded up
+    to a multiple of ``channel_multiple`` (the extra channels are zero).
 
     The B·G padded images are stacked along the rows, so the k×k window of every output position is an
     overlapping strided view of one buffer (:func:`_carafe_window_row`) with a single batch stride.
     """
     batch, channels, height, width = features.shape
     rows, cols, _ = _carafe_layout(batch, groups, height, width, radius)
-    buffer = features.new_zeros(batch * groups * rows + 2 * radius + 1, cols, channels // groups)
-    images = buffer[: batch * groups * rows].view(batch, groups, rows, cols, -1)
-    images[:, :, radius : radius + height, radius : radius + width] = features.reshape(
-        batch, groups, -1, height, width
+    group_channels = channels // groups
+    padded_channels = -(-group_channels // channel_multiple) * channel_multiple
+    buffer = features.new_zeros(batch * groups * rows + 2 * radius + 1, cols, padded_channels)
+    images = buffer[: batch * groups * rows].view(batch, groups, rows, cols, padded_channels)
+    images[:, :, radius : radius + height, radius : radius + width, :group_channels] = features.reshape(
+        batch, groups, group_channels, height, width
     ).permute(0, 1, 3, 4, 2)
     return buffer
 
@@ -111,7 +114,8 @@ def _carafe_by_windows(features: torch.Tensor, kernels: torch.Tensor, kernel_siz
     rows, ordered (column, row), then sit at stride C/G from position p's entry, and the windows of successive
     positions are overlapping views (batch stride k·C/G). One product writes the result once, where k products
     over window rows read and re-wrote it k times (CPU, 2 threads, 233 channels of 64×64 → ×2, k = 5: 17 vs 21 ms;
-    25 channels: 2.5 vs 4.7 ms). The channels of the pixel-major buffer are padded to a multiple of 16: aten's
+    25 channels: 2.5 vs 4.7 ms, isolated; the whole OffSeg-T runs 0.983× its time with the k products, interleaved
+    A/B, because inside the model the k stacking copies cost about 2 ms each at 233 channels). The channels of the pixel-major buffer are padded to a multiple of 16: aten's
     transposing copy into it is 2.7× slower for 233 channels than for 240 (5.4 vs 2.0 ms).
 
     The result is a channels-last view per group (channels innermost), not an NCHW transpose of the whole map,
@@ -120,13 +124,8 @@ def _carafe_by_windows(features: torch.Tensor, kernels: torch.Tensor, kernel_siz
     batch, channels, height, width = features.shape
     radius = kernel_size // 2
     rows, cols, positions = _carafe_layout(batch, groups, height, width, radius)
-    group_channels = channels // groups
-    padded_channels = -(-group_channels // 16) * 16
-    pixels = features.new_zeros(batch * groups * rows + 2 * radius + 1, cols, padded_channels)
-    images = pixels[: batch * groups * rows].view(batch, groups, rows, cols, padded_channels)
-    images[:, :, radius : radius + height, radius : radius + width, :group_channels] = features.reshape(
-        batch, groups, group_channels, height, width
-    ).permute(0, 1, 3, 4, 2)
+    pixels = _carafe_stack_features(features, groups, radius, channel_multiple=16)
+    group_channels, padded_channels = channels // groups, pixels.shape[-1]
     pixels = pixels.view(-1, padded_channels)
     reach = positions + kernel_size - 1  # the windows of the last position end k − 1 pixels further right
     stack = features.new_empty(reach, kernel_size, padded_channels)
