@@ -29,10 +29,10 @@ from offseg_hf.models.modeling_efficientformer_v2 import fold_batch_norm
 from offseg_hf.models.modeling_offseg import OffSegFreqFusion
 
 _CONV_OPS = {"convolution", "_convolution", "conv2d", "mkldnn_convolution"}
-_PRODUCT_OPS = {"conv2d", "conv_transpose2d", "mm", "bmm", "addmm", "baddbmm", "baddbmm_", "matmul", "linear",
-                "_linear_pointwise", "_mkl_linear"}  # profiler names of the operators product_seconds sums
 _MATMUL_OPS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "_scaled_dot_product_flash_attention",
                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
+# Profiler names of the operators product_seconds sums: the counted ones, their in-place / composite / oneDNN forms.
+_PRODUCT_OPS = _CONV_OPS | _MATMUL_OPS | {"conv_transpose2d", "baddbmm_", "linear", "_linear_pointwise", "_mkl_linear"}
 
 
 @dataclass

@@ -114,9 +114,10 @@ def _carafe_by_windows(features: torch.Tensor, kernels: torch.Tensor, kernel_siz
     rows, ordered (column, row), then sit at stride C/G from position p's entry, and the windows of successive
     positions are overlapping views (batch stride k·C/G). One product writes the result once, where k products
     over window rows read and re-wrote it k times (CPU, 2 threads, 233 channels of 64×64 → ×2, k = 5: 17 vs 21 ms;
-    25 channels: 2.5 vs 4.7 ms, isolated; the whole OffSeg-T runs 0.983× its time with the k products, interleaved
-    A/B, because inside the model the k stacking copies cost about 2 ms each at 233 channels). The channels of the pixel-major buffer are padded to a multiple of 16: aten's
-    transposing copy into it is 2.7× slower for 233 channels than for 240 (5.4 vs 2.0 ms).
+    25 channels: 2.5 vs 4.7 ms, isolated). The whole OffSeg-T gains less (0.983× the time of the k-product form,
+    interleaved A/B): inside the model the k stacking copies cost about 2 ms each at 233 channels. The channels of
+    the pixel-major buffer are padded to a multiple of 16: aten's transposing copy into it is 2.7× slower for 233
+    channels than for 240 (5.4 vs 2.0 ms).
 
     The result is a channels-last view per group (channels innermost), not an NCHW transpose of the whole map,
     which cost more than the product.
