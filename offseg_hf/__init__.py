@@ -12,15 +12,19 @@ The package is laid out by job (see README, "Where things are"):
 * :mod:`offseg_hf.deploy`: ONNX export verified in ONNX Runtime, the ONNX Runtime network, bfloat16 / int8;
 * :mod:`offseg_hf.cli`: the ``offseg`` command line (``python -m offseg_hf`` is the same).
 
-This module imports nothing heavy: the names below are loaded on first use (PEP 562), so that ``offseg --help``
-starts without torch. Importing a model class (``from offseg_hf import OffSegForSemanticSegmentation``, or anything
-from :mod:`offseg_hf.models`) registers every model with the Auto classes; so does ``import offseg_hf.models``.
+``import offseg_hf`` activates every model with transformers' Auto classes and pipelines: afterwards
+``AutoModelForSemanticSegmentation.from_pretrained(folder)`` and ``pipeline("image-segmentation", model=folder)`` load
+the installed classes, no ``trust_remote_code`` needed (:mod:`offseg_hf.auto_registration`: at once if transformers
+is already imported, else right after it is). This module itself imports nothing heavy: the names below are loaded on
+first use (PEP 562), so that ``offseg --help`` starts without torch.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
+
+from offseg_hf.auto_registration import activate_models
 
 __version__ = "0.1.0"
 
@@ -55,6 +59,8 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
+
+activate_models()
 
 
 def __getattr__(name: str):

@@ -69,7 +69,7 @@ FRESH_PROCESS_PIPELINE = """
 import sys
 import numpy as np
 from PIL import Image
-import offseg_hf.models  # registers SegNeXt with the Auto classes
+import offseg_hf  # activates SegNeXt with the Auto classes
 from offseg_hf.data.registry import get_dataset_info
 from transformers import pipeline
 image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))

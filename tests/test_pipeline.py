@@ -1,7 +1,7 @@
 """``pipeline("image-segmentation")`` with OffSeg folders.
 
 * A converted ADE20K folder (the golden OffSeg-T weights of tests/fixtures) loads without the "run the custom
-  code?" prompt, in a fresh interpreter with stdin closed, with ``import offseg_hf.models`` (``trust_remote_code`` unset)
+  code?" prompt, in a fresh interpreter with stdin closed, with ``import offseg_hf`` (``trust_remote_code`` unset)
   and without it (``trust_remote_code=True``, the folder's own code).
 * Its result equals :func:`offseg_hf.segment` (``mode="whole"``, ADE20K protocol) pixel for pixel on a 683×512
   image; for images the keep-ratio resize changes, the network input and the logits are identical (see
@@ -97,7 +97,7 @@ from PIL import Image
 
 folder, image_path, out_path, mode = sys.argv[1:5]
 if mode == "import":
-    import offseg_hf.models  # registers OffSeg; trust_remote_code stays unset
+    import offseg_hf  # activates OffSeg with the Auto classes; trust_remote_code stays unset
 import torch
 from transformers import pipeline
 

@@ -4,10 +4,11 @@
 offset learning, SegNeXt and its MSCAN backbone) import only each other, ``offset_learning.py`` and ``loss.py``
 (relative imports), so that ``save_pretrained`` copies a self-contained set of files next to the weights.
 
-Importing this package (which any import of a model class does, directly or through ``offseg_hf``'s lazy names)
-registers the models with the Auto classes, once, here: AutoConfig, AutoBackbone (EfficientFormerV2, MSCAN),
-AutoModel / AutoModelForSemanticSegmentation (OffSeg, SegFormer + offset learning, SegNeXt) and
-AutoModelForUniversalSegmentation (Mask2Former + offset learning). The modeling files themselves register nothing,
+Importing this package (which ``import offseg_hf`` arranges as soon as transformers is imported, see
+:mod:`offseg_hf.auto_registration`) registers the models with the Auto classes, once, here: AutoConfig, AutoBackbone
+(EfficientFormerV2, MSCAN), AutoModel / AutoModelForSemanticSegmentation (OffSeg, SegFormer + offset learning,
+SegNeXt) and AutoModelForUniversalSegmentation (Mask2Former + offset learning), and names them in the tables the
+image-segmentation pipeline checks. The modeling files themselves register nothing,
 so that a saved folder loaded as remote code leaves the global Auto maps alone.
 """
 
@@ -61,6 +62,18 @@ def _register_auto_classes() -> None:
     AutoModelForUniversalSegmentation.register(
         Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation, exist_ok=True
     )
+    # The image-segmentation pipeline checks a model's class name against transformers' built-in name tables (a plain
+    # dict copy, blind to the registrations above) and logs "not supported" for any other: add our names there, keyed
+    # by our model types (the Auto classes resolve those through the registrations above, never through these tables).
+    from transformers.models.auto import modeling_auto
+
+    for table, model_class in (
+        (modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES, OffSegForSemanticSegmentation),
+        (modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES, SegformerOffsetForSemanticSegmentation),
+        (modeling_auto.MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES, SegNextForSemanticSegmentation),
+        (modeling_auto.MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES, Mask2FormerOffsetForUniversalSegmentation),
+    ):
+        table.setdefault(model_class.config_class.model_type, model_class.__name__)
     # Hub SegFormer checkpoints name the per-level projections ``decode_head.linear_c`` (transformers renames them
     # for its own class): loading one into SegformerOffsetForSemanticSegmentation needs the same renaming.
     register_checkpoint_conversion_mapping(

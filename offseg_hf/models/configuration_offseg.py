@@ -17,6 +17,8 @@ from huggingface_hub.dataclasses import strict
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
+from .offset_learning import check_num_labels
+
 # EfficientFormerV2 variants (Li et al., "Rethinking Vision Transformers for MobileNet Size and Speed").
 # mlp_expansion_ratios[stage][block]: hidden width of each block's MLP = ratio * stage width.
 EFFICIENTFORMER_V2_VARIANTS: dict[str, dict] = {
@@ -220,12 +222,7 @@ class OffSegConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Check the classes, the decoder widths against the backbone and the group counts they must divide."""
-        if self.num_labels < 2:
-            raise ValueError(
-                f"OffSeg needs num_labels >= 2, got {self.num_labels}: offset learning normalises the class scores "
-                "of each pixel with a LayerNorm over the classes, which is constant for one class. For binary "
-                "segmentation use num_labels=2 (background, foreground)."
-            )
+        check_num_labels(self.num_labels, "OffSeg")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
         stages = self.decoder_stage_channels

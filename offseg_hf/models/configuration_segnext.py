@@ -23,6 +23,8 @@ from huggingface_hub.dataclasses import strict
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
+from .offset_learning import check_num_labels
+
 CLASSIFIERS = ("offset_learning", "per_pixel")
 
 MSCAN_VARIANTS: dict[str, dict] = {
@@ -180,11 +182,7 @@ class SegNextConfig(PreTrainedConfig):
         """Check the classifier name, the class count and the GroupNorm group counts."""
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}")
-        if self.num_labels is None or self.num_labels < 2:
-            raise ValueError(
-                f"SegNeXt needs num_labels >= 2, got {self.num_labels}; for a binary task (object vs background) "
-                "use num_labels=2"
-            )
+        check_num_labels(self.num_labels, "SegNeXt")
         for width in (self.hamburger_channels, self.decoder_hidden_size):
             if width % self.decoder_num_groups:
                 raise ValueError(f"decoder width {width} is not divisible by decoder_num_groups={self.decoder_num_groups}")

@@ -22,7 +22,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerMaskPredictor,
 )
 
-from .offset_learning import OffsetLearning
+from .offset_learning import OffsetLearning, check_num_labels
 
 _NON_ARCHITECTURE_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path")
 
@@ -45,6 +45,11 @@ class Mask2FormerOffsetConfig(Mask2FormerConfig):
         # A plain Mask2Former config.json may be loaded into this class: keep our own model_type.
         kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Mask2Former's checks, and at least 2 classes (the semantic map is an arg-max over them)."""
+        super().validate_architecture()
+        check_num_labels(self.num_labels, "Mask2Former + offset learning")
 
     @classmethod
     def from_mask2former_config(cls, config: Mask2FormerConfig, **kwargs) -> "Mask2FormerOffsetConfig":
@@ -90,6 +95,7 @@ class Mask2FormerOffsetForUniversalSegmentation(Mask2FormerForUniversalSegmentat
     config: Mask2FormerOffsetConfig
 
     def __init__(self, config: Mask2FormerOffsetConfig):
+        check_num_labels(config.num_labels, "Mask2Former + offset learning")  # also for a config changed after it was built
         super().__init__(config)
         decoder = self.model.transformer_module.decoder
         predictor = Mask2FormerOffsetMaskPredictor(config.hidden_dim, config.num_attention_heads, config.mask_feature_size)

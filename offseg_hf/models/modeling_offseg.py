@@ -36,7 +36,7 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_offseg import EfficientFormerV2Config, OffSegConfig
 from .loss import semantic_segmentation_loss
 from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, PointwiseConv2d
-from .offset_learning import OffsetLearning
+from .offset_learning import OffsetLearning, check_num_labels
 
 # Inputs are padded to a multiple of this (the backbone's total stride; its stage-3 attention halves the grid).
 INPUT_MULTIPLE = 32
@@ -730,6 +730,7 @@ class OffSegForSemanticSegmentation(OffSegPreTrainedModel):
     """
 
     def __init__(self, config: OffSegConfig):
+        check_num_labels(config.num_labels, "OffSeg")  # the config's own check, for a config changed after it was built
         super().__init__(config)
         self.offseg = OffSegModel(config)
         self.dropout = nn.Dropout(config.classifier_dropout_prob)

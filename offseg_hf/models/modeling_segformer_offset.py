@@ -36,7 +36,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .loss import semantic_segmentation_loss
-from .offset_learning import OffsetLearning
+from .offset_learning import OffsetLearning, check_num_labels
 
 DECODE_HEAD_STYLES = ("transformers", "reference")
 
@@ -77,12 +77,7 @@ class SegformerOffsetConfig(SegformerConfig):
 
     def validate_architecture(self):
         """Check the classes and the offset-learning fields."""
-        if self.num_labels < 2:
-            raise ValueError(
-                f"SegFormer + offset learning needs num_labels >= 2, got {self.num_labels}: offset learning normalises "
-                "the class scores of each pixel with a LayerNorm over the classes, which is constant for one class. "
-                "For binary segmentation use num_labels=2 (background, foreground)."
-            )
+        check_num_labels(self.num_labels, "SegFormer + offset learning")
         if self.decode_head_style not in DECODE_HEAD_STYLES:
             raise ValueError(
                 f"decode_head_style must be one of {DECODE_HEAD_STYLES}, got {self.decode_head_style!r}"
@@ -200,6 +195,7 @@ class SegformerOffsetForSemanticSegmentation(SegformerPreTrainedModel):
     config: SegformerOffsetConfig
 
     def __init__(self, config: SegformerOffsetConfig):
+        check_num_labels(config.num_labels, "SegFormer + offset learning")  # also for a config changed after it was built
         super().__init__(config)
         self.segformer = SegformerModel(config)
         if config.encoder_layer_norm_eps is not None:

@@ -43,7 +43,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_segnext import MscanConfig, SegNextConfig
 from .loss import semantic_segmentation_loss
-from .offset_learning import OffsetLearning
+from .offset_learning import OffsetLearning, check_num_labels
 
 # --------------------------------------------------------------------------------------------------
 # MSCAN
@@ -463,6 +463,7 @@ class SegNextForSemanticSegmentation(SegNextPreTrainedModel):
     """
 
     def __init__(self, config: SegNextConfig):
+        check_num_labels(config.num_labels, "SegNeXt")  # the config's own check, for a config changed after it was built
         super().__init__(config)
         self.backbone = MscanBackbone(config.backbone_config)
         self.decode_head = SegNextLightHamHead(config, self.backbone.channels)

@@ -24,6 +24,23 @@ import torch
 from torch import nn
 
 
+def check_num_labels(num_labels: int | None, model_name: str) -> None:
+    """The class count every model here needs, checked in one place: by each configuration when it is built and by
+    each model when it is built from one (a config changed afterwards, ``config.num_labels = 1``, reaches only the
+    latter). With one class, semantic segmentation labels every pixel with it, its cross-entropy is exactly 0 so
+    nothing is learned, and offset learning's LayerNorm over the class scores is constant.
+
+    Raises:
+        ValueError: ``num_labels`` is missing or below 2 (the message names the model and the fix).
+    """
+    if num_labels is None or num_labels < 2:
+        raise ValueError(
+            f"{model_name} needs num_labels >= 2, got {num_labels}: with one class every pixel gets it, the "
+            "cross-entropy loss is 0 and nothing is learned (offset learning's LayerNorm over the class scores is "
+            "constant too). For binary segmentation use num_labels=2 (background, foreground)."
+        )
+
+
 class OffsetLearning(nn.Module):
     """Offset learning between class embeddings W and pixel features E (Eq. 4–13).
 
