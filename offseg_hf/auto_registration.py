@@ -34,9 +34,15 @@ def activate_models() -> None:
         sys.meta_path.insert(0, _AfterTransformersImport())
 
 
+# Each registers on import, once per process: the models (AutoConfig, AutoBackbone, AutoModel…, the pipeline's name
+# tables) and the image processor alias that folders saved by offseg-hf 0.1 name.
+_REGISTERING_MODULES = ("offseg_hf.models", "offseg_hf.inference.image_processing_offseg")
+
+
 def _register() -> None:
     try:
-        importlib.import_module("offseg_hf.models")  # registers on import (once per process)
+        for name in _REGISTERING_MODULES:
+            importlib.import_module(name)
     except Exception as error:  # noqa: BLE001 - never break the user's `import transformers`
         warnings.warn(
             f"offseg_hf could not register its models with transformers ({type(error).__name__}: {error}); "

@@ -37,12 +37,15 @@ def test_import_offseg_hf_imports_no_torch_and_registers_when_transformers_loads
 import sys
 import offseg_hf
 before = sorted(name for name in ("torch", "transformers", "offseg_hf.models") if name in sys.modules)
-from transformers import AutoConfig
-print(before, type(AutoConfig.for_model("offseg")).__name__, type(AutoConfig.for_model("mask2former_offset")).__name__)
+from transformers import AutoConfig, AutoImageProcessor
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+legacy = IMAGE_PROCESSOR_MAPPING[type(AutoConfig.for_model("offseg"))]  # folders saved by offseg-hf 0.1 name it
+print(before, type(AutoConfig.for_model("offseg")).__name__, type(AutoConfig.for_model("mask2former_offset")).__name__,
+      legacy["torchvision"].__name__)
 """
     completed = _fresh_python(code)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.split() == ["[]", "OffSegConfig", "Mask2FormerOffsetConfig"]
+    assert completed.stdout.split() == ["[]", "OffSegConfig", "Mask2FormerOffsetConfig", "OffSegImageProcessor"]
 
 
 def test_import_after_transformers_registers_at_once():
@@ -197,3 +200,28 @@ def test_one_class_is_refused_by_config_and_by_model(model_name):
     message = str(at_model.value)
     assert message.startswith(f"{model_name} needs num_labels >= 2, got 1") and "use num_labels=2" in message
     assert message in str(at_config.value)
+
+
+# ------------------------------------------------------------------ README's test command is what CI runs
+
+
+def test_readme_test_commands_are_what_ci_runs_and_install_every_extra():
+    """README's "Run the tests" block, line for line, is in ``.ci/run``; its ``test`` extra pulls every other extra,
+    so the command as written runs the demo, export and quantisation tests too."""
+    import configparser
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"Run the tests[^\n]*\n(?:[^\n]*\n)*?```bash\n(.*?)```", readme, flags=re.DOTALL)
+    assert block, "README has no 'Run the tests' bash block"
+    commands = [line.strip() for line in block.group(1).splitlines() if line.strip()]
+    assert commands == ['pip install -e ".[test]"', "python -m pytest -q -rs"], commands
+    ci_lines = {line.strip() for line in (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()}
+    assert set(commands) <= ci_lines, set(commands) - ci_lines
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    extras = {name: value.split() for name, value in setup["options.extras_require"].items()}
+    (requirement,) = extras["test"]
+    name, _, listed = requirement.rstrip("]").partition("[")
+    assert name == setup["metadata"]["name"] and sorted(listed.split(",")) == sorted(set(extras) - {"test"}), requirement

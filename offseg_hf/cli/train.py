@@ -70,14 +70,24 @@ def resume_hint(args: argparse.Namespace) -> str:
     return shlex.join(["offseg", "train", *argv])
 
 
+def is_main_process() -> bool:
+    """Whether this process reports: the only one, or rank 0 of a ``torchrun`` / ``accelerate launch`` run (both set
+    ``RANK`` in every process they start; read before training initialises the process group)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
     import sys
 
     from offseg_hf.training.train import TrainingInterrupted, parse_train_argv, resolve_config, train
 
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    main_process = is_main_process()
+    # Every process of a multi-process run trains; only the main one talks (the others keep their errors).
+    level = (logging.WARNING if args.quiet else logging.INFO) if main_process else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     given, config_file = parse_train_argv(training_argv(args))
     if args.quiet:
         given.setdefault("disable_tqdm", True)
@@ -85,10 +95,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         metrics = train(config, quiet=args.quiet)
     except TrainingInterrupted as stop:
+        if not main_process:
+            return 130
         where = f"checkpoint saved: {stop.checkpoint}" if stop.checkpoint else "no checkpoint could be saved"
         print(f"offseg train: stopped by {stop.signal_name} after step {stop.step}; {where}", file=sys.stderr)
         print(f"continue with:\n  {resume_hint(args)}", file=sys.stderr)
         return 130
+    if not main_process:
+        return 0
     print(f"final mIoU {100 * metrics.get('eval_mIoU', float('nan')):.2f}  "
           f"mAcc {100 * metrics.get('eval_mAcc', float('nan')):.2f}  "
           f"aAcc {100 * metrics.get('eval_aAcc', float('nan')):.2f}  -> {config.training_args.output_dir}")
