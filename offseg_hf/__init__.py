@@ -37,14 +37,13 @@ _LAZY = {
             "EfficientFormerV2Backbone", "EfficientFormerV2Config", "EfficientFormerV2PreTrainedModel",
             "Mask2FormerOffsetConfig", "Mask2FormerOffsetForUniversalSegmentation",
             "MscanBackbone", "MscanConfig", "MscanPreTrainedModel",
-            "OffSegConfig", "OffSegDecoder", "OffSegForSemanticSegmentation", "OffSegFreqFusion", "OffSegModel",
+            "OffSegConfig", "OffSegDecoder", "OffSegImageProcessor", "OffSegForSemanticSegmentation", "OffSegFreqFusion", "OffSegModel",
             "OffSegPreTrainedModel", "OffSegSimilaritySampler", "OffsetLearning",
             "SegformerOffsetConfig", "SegformerOffsetForSemanticSegmentation",
             "SegNextConfig", "SegNextForSemanticSegmentation", "SegNextHamburger", "SegNextLightHamHead",
             "SegNextNMF2D", "SegNextPreTrainedModel", "carafe", "fold_batch_norm",
         )
     },
-    "OffSegImageProcessor": "offseg_hf.inference.image_processing_offseg",
     "build_image_processor": "offseg_hf.inference.image_processing_offseg",
     "SegmentationProtocol": "offseg_hf.inference.segment",
     "SegmentationResult": "offseg_hf.inference.segment",
@@ -80,7 +79,7 @@ if TYPE_CHECKING:  # what static analysers and IDEs see
     from offseg_hf.conversion.segformer import convert_segformer_offset_state_dict
     from offseg_hf.conversion.segnext import convert_mscan_state_dict, convert_segnext_state_dict
     from offseg_hf.deploy.onnx_export import export_onnx
-    from offseg_hf.inference.image_processing_offseg import OffSegImageProcessor, build_image_processor
+    from offseg_hf.inference.image_processing_offseg import build_image_processor
     from offseg_hf.inference.segment import SegmentationProtocol, SegmentationResult, segment, segment_image
     from offseg_hf.models import *  # noqa: F403
     from offseg_hf.plug import add_offset_learning, offset_learning_overhead

@@ -34,15 +34,12 @@ def activate_models() -> None:
         sys.meta_path.insert(0, _AfterTransformersImport())
 
 
-# Each registers on import, once per process: the models (AutoConfig, AutoBackbone, AutoModel…, the pipeline's name
-# tables) and the image processor alias that folders saved by offseg-hf 0.1 name.
-_REGISTERING_MODULES = ("offseg_hf.models", "offseg_hf.inference.image_processing_offseg")
-
-
 def _register() -> None:
+    models = sys.modules.get("offseg_hf.models")
+    if models is not None and getattr(models.__spec__, "_initializing", False):
+        return  # transformers was imported by offseg_hf.models itself, which registers when it finishes
     try:
-        for name in _REGISTERING_MODULES:
-            importlib.import_module(name)
+        importlib.import_module("offseg_hf.models")  # registers on import (once per process)
     except Exception as error:  # noqa: BLE001 - never break the user's `import transformers`
         warnings.warn(
             f"offseg_hf could not register its models with transformers ({type(error).__name__}: {error}); "

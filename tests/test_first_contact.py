@@ -60,6 +60,25 @@ print("offseg_hf.models" in sys.modules, type(transformers.AutoConfig.for_model(
     assert completed.stdout.split() == ["True", "SegNextConfig"]
 
 
+@pytest.mark.parametrize("first_import", ["from offseg_hf import OffSegConfig", "from offseg_hf import build_image_processor"])
+def test_a_first_import_that_loads_transformers_itself_registers_everything_once(first_import):
+    """The package's own modules import transformers: the hook must neither re-enter a half-imported
+    ``offseg_hf.models`` nor warn; every registration is there afterwards."""
+    code = f"""
+import warnings
+warnings.simplefilter("error", RuntimeWarning)
+{first_import}
+from transformers import AutoConfig
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+config_class = type(AutoConfig.for_model("offseg"))
+print(config_class.__name__, IMAGE_PROCESSOR_MAPPING[config_class]["torchvision"].__name__)
+"""
+    completed = _fresh_python(code)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "could not register" not in completed.stderr
+    assert completed.stdout.split() == ["OffSegConfig", "OffSegImageProcessor"]
+
+
 def test_a_failing_registration_warns_and_leaves_transformers_importable():
     """An incompatible model package must not break ``import transformers`` for the user."""
     code = """

@@ -20,19 +20,19 @@ target length (683×512 ADE20K images stay as they are) or the long side's fract
 protocol is :func:`offseg_hf.segment`, which keeps mmcv's sizes and uses this processor only to resize to the
 size it chose and to normalise.
 
-``OffSegImageProcessor`` remains only so that folders saved by offseg-hf ≤ 0.1 (``"image_processor_type":
-"OffSegImageProcessor"``) still load with ``AutoImageProcessor`` once ``offseg_hf`` is imported; it is
-SegformerImageProcessor unchanged and saves itself as one, so re-saving an old folder's processor migrates it.
+``OffSegImageProcessor`` (:mod:`offseg_hf.models.image_processing_offseg`, re-exported here) remains only so that
+folders saved by offseg-hf ≤ 0.1 (``"image_processor_type": "OffSegImageProcessor"``) still load with
+``AutoImageProcessor`` once ``offseg_hf`` is imported; it is SegformerImageProcessor unchanged and saves itself as
+one, so re-saving an old folder's processor migrates it.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from transformers import SegformerImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from offseg_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from offseg_hf.models.image_processing_offseg import OffSegImageProcessor  # re-exported: the legacy folders' class
 
 # Normalisation statistics of the reference ``SegDataPreProcessor`` (0–255 scale), expressed on the 0–1 scale
 # that follows ``rescale_factor = 1/255``. (They are the ImageNet statistics.)
@@ -84,31 +84,4 @@ def build_image_processor(
     )
 
 
-class OffSegImageProcessor(SegformerImageProcessor):
-    """Loads processors saved by offseg-hf ≤ 0.1 (``"image_processor_type": "OffSegImageProcessor"``).
-
-    Exactly ``SegformerImageProcessor`` (the old class was a line-by-line copy of it); :meth:`to_dict` writes
-    ``"SegformerImageProcessor"`` and drops the old ``auto_map``, so ``AutoImageProcessor.from_pretrained(old)
-    .save_pretrained(old)`` migrates a folder (its ``image_processing_offseg.py`` can then be deleted).
-    """
-
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        output["image_processor_type"] = SegformerImageProcessor.__name__
-        output.pop("auto_map", None)  # the old folder's pointer to its copy of the class
-        return output
-
-
 __all__ = ["OFFSEG_IMAGE_MEAN", "OFFSEG_IMAGE_STD", "OffSegImageProcessor", "build_image_processor"]
-
-
-def _register() -> None:
-    """Make ``AutoImageProcessor`` resolve old folders and folders without ``preprocessor_config.json``."""
-    from transformers import AutoImageProcessor
-
-    from offseg_hf.models.configuration_offseg import OffSegConfig
-
-    AutoImageProcessor.register(OffSegConfig, image_processor_classes={"torchvision": OffSegImageProcessor}, exist_ok=True)
-
-
-_register()

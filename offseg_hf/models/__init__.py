@@ -14,6 +14,7 @@ so that a saved folder loaded as remote code leaves the global Auto maps alone.
 
 from .configuration_offseg import EFFICIENTFORMER_V2_VARIANTS, OFFSEG_PRESETS, EfficientFormerV2Config, OffSegConfig
 from .configuration_segnext import MSCAN_VARIANTS, SEGNEXT_PRESETS, MscanConfig, SegNextConfig
+from .image_processing_offseg import OffSegImageProcessor
 from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, EfficientFormerV2PreTrainedModel, fold_batch_norm
 from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
 from .modeling_offseg import (
@@ -42,6 +43,7 @@ def _register_auto_classes() -> None:
     from transformers import (
         AutoBackbone,
         AutoConfig,
+        AutoImageProcessor,
         AutoModel,
         AutoModelForSemanticSegmentation,
         AutoModelForUniversalSegmentation,
@@ -54,6 +56,8 @@ def _register_auto_classes() -> None:
     AutoBackbone.register(EfficientFormerV2Config, EfficientFormerV2Backbone, exist_ok=True)
     AutoBackbone.register(MscanConfig, MscanBackbone, exist_ok=True)
     AutoModel.register(OffSegConfig, OffSegModel, exist_ok=True)
+    # Folders saved by offseg-hf 0.1, and folders with a model config but no preprocessor_config.json
+    AutoImageProcessor.register(OffSegConfig, image_processor_classes={"torchvision": OffSegImageProcessor}, exist_ok=True)
     AutoModelForSemanticSegmentation.register(OffSegConfig, OffSegForSemanticSegmentation, exist_ok=True)
     AutoModelForSemanticSegmentation.register(
         SegformerOffsetConfig, SegformerOffsetForSemanticSegmentation, exist_ok=True
@@ -102,6 +106,7 @@ __all__ = [
     "OffSegDecoder",
     "OffSegForSemanticSegmentation",
     "OffSegFreqFusion",
+    "OffSegImageProcessor",
     "OffSegModel",
     "OffSegPreTrainedModel",
     "OffSegSimilaritySampler",
