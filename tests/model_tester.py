@@ -60,12 +60,24 @@ class ModelTester:
         assert reloaded.to_dict() == self.config.to_dict()
 
     def check_save_load(self, tmp_path):
+        """Bit-identical weights, and bit-identical outputs once they sit in memory of their own.
+
+        The loaded tensors stay where safetensors' file layout puts them (8-byte, not 64-byte aligned), and MKL's
+        AVX2 matrix kernels round differently for unaligned operands (AMD EPYC: 4.2e-6 on the tiny OffSeg; the
+        same weights copied to fresh memory: 0.0), so the outputs of the loaded model itself are compared to 1e-5.
+        """
         model = self.make_model().eval()
         model.save_pretrained(tmp_path)
         reloaded = self.model_class.from_pretrained(tmp_path).eval()
+        saved, loaded = model.state_dict(), reloaded.state_dict()
+        assert saved.keys() == loaded.keys() and all(torch.equal(saved[key], loaded[key]) for key in saved)
         pixel_values = self.inputs()
         with torch.no_grad():
-            assert torch.equal(self.output(model(pixel_values)), self.output(reloaded(pixel_values)))
+            expected = self.output(model(pixel_values))
+            torch.testing.assert_close(self.output(reloaded(pixel_values)), expected, atol=1e-5, rtol=1e-5)
+            for tensor in [*reloaded.parameters(), *reloaded.buffers()]:
+                tensor.data = tensor.data.clone()
+            assert torch.equal(self.output(reloaded(pixel_values)), expected)
 
     def check_hidden_states(self, expected_shapes):
         """``expected_shapes``: the shapes of the hidden states for the default input."""
