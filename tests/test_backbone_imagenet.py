@@ -22,6 +22,7 @@ from offseg_hf.conversion.convert import (  # noqa: E402
 )
 from offseg_hf.conversion.keymaps import backbone_key  # noqa: E402
 from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2Backbone  # noqa: E402
+from model_tester import in_own_memory  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -239,7 +240,7 @@ def test_offseg_convert_writes_a_backbone_folder(fixtures_dir, tmp_path, capsys)
 
     # (AutoBackbone.from_pretrained rejects local folders in transformers 5.24: it asks the Hub whether the path
     # is a repo id first)
-    loaded = EfficientFormerV2Backbone.from_pretrained(out).eval()
+    loaded = in_own_memory(EfficientFormerV2Backbone.from_pretrained(out).eval())  # bit-exact comparison below
     assert loaded.config.hidden_sizes == [32, 48, 120, 224] and loaded.config.out_features == ["stage1", "stage2", "stage3", "stage4"]
     direct = new_backbone("s1")
     load_imagenet_backbone_weights(direct, imagenet, attention_biases="transfer")
