@@ -1,7 +1,9 @@
-"""A local stand-in for the Hugging Face Hub HTTP API: enough of it for ``create_repo`` and ``upload_folder``.
+"""A local stand-in for the Hugging Face Hub HTTP API: enough of it for ``create_repo`` / ``upload_folder`` of
+model repos, and for ``datasets.load_dataset(<repo>, revision=..., streaming=True)`` of dataset repos.
 
-It speaks the endpoints huggingface_hub uses for those calls and stores what arrives, so a test can check
-that the files really reached the "Hub":
+It speaks the endpoints huggingface_hub (``HfApi``, ``hf_hub_download``, ``HfFileSystem``) uses for those calls,
+found by running the real clients against it. Uploads are stored as they arrive, so a test can check that the
+files really reached the "Hub". Upload (model repos):
 
 * ``POST /api/repos/create``: create a model repo (records ``private``/``visibility``);
 * ``POST /api/models/{repo}/preupload/{revision}``: answers ``lfs`` for ``*.safetensors`` / ``*.bin`` and
@@ -13,8 +15,23 @@ that the files really reached the "Hub":
 * ``POST /api/models/{repo}/commit/{revision}``: NDJSON commit; regular files arrive base64-encoded, LFS
   files by oid, which must have been uploaded with the right SHA-256 and size.
 
-Anything else is answered 404 and recorded in ``unknown_requests`` (except ``GET /api/agent-harnesses``, an
-optional registry the client may fetch once a day, answered 404 without being recorded).
+Download and streaming (dataset repos added with :meth:`LocalHub.add_dataset`; ``{revision}`` is a branch or
+ref name URL-encoded as the Hub writes it, e.g. ``refs%2Fconvert%2Fparquet``, or the commit sha the client pins
+after its first call):
+
+* ``GET /api/datasets/{repo}/revision/{revision}``: repo info (``sha`` of the revision, ``siblings``);
+* ``GET /api/datasets/{repo}/tree/{revision}[/{folder}]`` (``?recursive=``; no ``expand`` details): the folder
+  listing, files with size, blob id and LFS sha-256, sub-folders as ``directory`` entries; one page;
+* ``HEAD`` / ``GET /datasets/{repo}/resolve/{revision}/{path}``: file metadata (``X-Repo-Commit``, ``ETag``,
+  ``Content-Length``) and content, with HTTP ``Range`` requests answered ``206 Partial Content``.
+
+A missing repo, revision or file is answered as the Hub does: 404 with ``X-Error-Code`` ``RepoNotFound``,
+``RevisionNotFound`` or ``EntryNotFound``, an ``X-Error-Message`` and a JSON ``{"error": ...}``. Every request is
+recorded in ``requests`` as ``(method, path, Range header)``. Anything else is answered 404 and recorded in
+``unknown_requests`` (except ``GET /api/agent-harnesses``, an optional registry the client may fetch once a
+day, answered 404 without being recorded). Not served: the dataset viewer, which ``datasets`` asks for a
+repo's exported infos at ``datasets-server.<endpoint host>`` when loading ``main``; that name does not resolve
+for ``127.0.0.1``, and ``datasets`` goes on without it.
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 @dataclass
@@ -35,12 +53,51 @@ class StandInRepo:
     commits: list[str] = field(default_factory=list)
 
 
+@dataclass
+class StandInRevision:
+    """One revision of a dataset repo: its commit sha and files (path in the repo -> content)."""
+
+    sha: str
+    files: dict[str, bytes]
+
+    def entry(self, path: str) -> dict | None:
+        """The tree-listing entry of a file or folder, as the Hub writes it (``None``: not in the revision)."""
+        if path in self.files:
+            data = self.files[path]
+            entry = {"type": "file", "oid": _git_blob_id(data), "size": len(data), "path": path}
+            if path.endswith(".parquet"):  # stored with Git-LFS on the Hub
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            return entry
+        if path == "" or any(name.startswith(path + "/") for name in self.files):
+            return {"type": "directory", "oid": hashlib.sha1(f"tree {self.sha} {path}".encode()).hexdigest(),
+                    "size": 0, "path": path}
+        return None
+
+    def listing(self, folder: str, recursive: bool) -> list[dict]:
+        """The entries under ``folder`` (``""``: the root): direct children, or everything with ``recursive``."""
+        prefix = f"{folder}/" if folder else ""
+        paths: set[str] = set()
+        for name in self.files:
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix) :].split("/")
+            depth = len(parts) if recursive else 1
+            paths.update(prefix + "/".join(parts[: i + 1]) for i in range(depth))
+        return [self.entry(path) for path in sorted(paths)]
+
+
+def _git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 class LocalHub:
     """``with LocalHub() as hub:`` serves on ``hub.endpoint`` (127.0.0.1, a free port) until the block ends."""
 
     def __init__(self) -> None:
         self.repos: dict[str, StandInRepo] = {}
+        self.datasets: dict[str, dict[str, StandInRevision]] = {}  # repo -> revision name -> files
         self.lfs_objects: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str, str | None]] = []
         self.unknown_requests: list[tuple[str, str]] = []
         self.authorizations: list[str | None] = []
         self.validated_cards: list[str] = []
@@ -48,6 +105,25 @@ class LocalHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.endpoint = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def add_dataset(self, repo_id: str, files: dict[str, bytes], revision: str = "main") -> str:
+        """Serve ``files`` (path in the repo -> content) as ``revision`` of the dataset repo ``repo_id``.
+
+        Returns:
+            the revision's commit sha.
+        """
+        digest = hashlib.sha1(repo_id.encode() + revision.encode())
+        for path in sorted(files):
+            digest.update(path.encode() + files[path])
+        with self._lock:
+            self.datasets.setdefault(repo_id, {})[revision] = StandInRevision(digest.hexdigest(), dict(files))
+        return digest.hexdigest()
+
+    def _dataset_revision(self, repo_id: str, revision: str) -> StandInRevision | None:
+        revisions = self.datasets.get(repo_id, {})
+        if revision in revisions:
+            return revisions[revision]
+        return next((found for found in revisions.values() if found.sha == revision), None)
 
     def __enter__(self) -> "LocalHub":
         self._thread.start()
@@ -87,19 +163,124 @@ class LocalHub:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _not_found(self, code: str, message: str) -> None:
+                body = json.dumps({"error": message}).encode()
+                self.send_response(404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("X-Error-Code", code)
+                self.send_header("X-Error-Message", message)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _record(self) -> None:
+                with hub._lock:
+                    hub.requests.append((self.command, self.path, self.headers.get("Range")))
+
             def _unknown(self) -> None:
                 hub.unknown_requests.append((self.command, self.path))
                 self._reply(404, {"error": f"stand-in Hub does not serve {self.command} {self.path}"})
 
             def do_GET(self):
                 self._body()
-                if self.path.split("?", 1)[0] == "/api/agent-harnesses":
+                self._record()
+                path = self.path.split("?", 1)[0]
+                if path == "/api/agent-harnesses":
                     # optional user-agent registry the client fetches at most daily; not part of an upload
                     return self._reply(404, {"error": "not served by the stand-in"})
+                if path.startswith("/api/datasets/"):
+                    return self._dataset_api(path[len("/api/datasets/") :])
+                if path.startswith("/datasets/") and "/resolve/" in path:
+                    return self._resolve(path[len("/datasets/") :])
                 self._unknown()
+
+            def do_HEAD(self):
+                self._record()
+                path = self.path.split("?", 1)[0]
+                if path.startswith("/datasets/") and "/resolve/" in path:
+                    return self._resolve(path[len("/datasets/") :])
+                self._unknown()
+
+            # ---------------------------------------------------------- dataset repos (download side)
+            def _find(self, repo_id: str, revision: str) -> StandInRevision | None:
+                """The revision, or ``None`` after answering the Hub's 404 for a missing repo / revision."""
+                if repo_id not in hub.datasets:
+                    self._not_found("RepoNotFound", f"Repository {repo_id!r} not found")
+                    return None
+                found = hub._dataset_revision(repo_id, revision)
+                if found is None:
+                    self._not_found("RevisionNotFound", f"Invalid rev id: {revision}")
+                return found
+
+            def _dataset_api(self, rest: str) -> None:
+                # {ns}/{name}/revision/{rev} or {ns}/{name}/tree/{rev}[/{folder}]
+                parts = rest.split("/")
+                repo_id, action, tail = "/".join(parts[:2]), (parts[2] if len(parts) > 2 else ""), parts[3:]
+                if action == "revision" and tail:
+                    found = self._find(repo_id, unquote(tail[0]))
+                    if found is not None:
+                        self._reply(200, {"_id": found.sha[:24], "id": repo_id, "author": repo_id.split("/")[0],
+                                          "sha": found.sha, "private": False, "gated": False, "disabled": False,
+                                          "tags": [], "downloads": 0, "likes": 0,
+                                          "lastModified": "2024-01-01T00:00:00.000Z",
+                                          "siblings": [{"rfilename": name} for name in sorted(found.files)]})
+                    return None
+                if action == "tree" and tail:
+                    found = self._find(repo_id, unquote(tail[0]))
+                    if found is None:
+                        return None
+                    folder = unquote("/".join(tail[1:])).strip("/")
+                    query = parse_qs(urlsplit(self.path).query)
+                    recursive = query.get("recursive", ["false"])[0].lower() == "true"
+                    if found.entry(folder) is None or (folder and found.entry(folder)["type"] != "directory"):
+                        return self._not_found("EntryNotFound", f"{folder!r} does not exist at revision {found.sha}")
+                    return self._reply(200, found.listing(folder, recursive))
+                self._unknown()
+
+            def _resolve(self, rest: str) -> None:
+                repo_id, _, tail = rest.partition("/resolve/")
+                revision, _, path = tail.partition("/")
+                found = self._find(repo_id, unquote(revision))
+                if found is None:
+                    return None
+                path = unquote(path)
+                data = found.files.get(path)
+                if data is None:
+                    return self._not_found("EntryNotFound", f"{path} does not exist at revision {found.sha}")
+                start, end = 0, len(data) - 1
+                requested = self.headers.get("Range")
+                match = re.fullmatch(r"bytes=(\d*)-(\d*)", requested or "")
+                if requested and match is None:
+                    return self._reply(416, {"error": f"unsupported Range {requested!r}"})
+                if match:
+                    first, last = match.groups()
+                    if first:
+                        start, end = int(first), min(int(last), end) if last else end
+                    else:
+                        start = max(len(data) - int(last), 0)
+                    if start > end:
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return None
+                lfs = found.entry(path).get("lfs")
+                self.send_response(206 if match else 200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("X-Repo-Commit", found.sha)
+                self.send_header("ETag", f'"{lfs["oid"] if lfs else _git_blob_id(data)}"')
+                if match:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+                self.send_header("Content-Length", str(end - start + 1))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data[start : end + 1])
 
             def do_PUT(self):
                 body = self._body()
+                self._record()
                 if self.path.startswith("/lfs-upload/"):
                     oid = self.path.rsplit("/", 1)[1]
                     with hub._lock:
@@ -112,6 +293,7 @@ class LocalHub:
 
             def do_POST(self):
                 body = self._body()
+                self._record()
                 hub.authorizations.append(self.headers.get("Authorization"))
                 path = self.path.split("?", 1)[0]
                 if path == "/api/repos/create":

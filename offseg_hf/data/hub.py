@@ -17,6 +17,12 @@ Hub id                             dataset    revision        columns           
 columns (``image_column``, ``label_column``) and the label encoding (``label_format``, default
 the benchmark's raw encoding: ADE20K / Pascal Context ``reduce``, COCO-Stuff ``coco-stuff-raw``,
 Cityscapes ``cityscapes-label-ids``; use ``train-ids`` for maps already in train ids).
+
+The Hub's parquet export (revision ``refs/convert/parquet``) stores one folder per config,
+``<config>/<split>/0000.parquet`` …, and no dataset card, so ``datasets`` sees no named configs there:
+on that revision the config is read as its folder (``data_dir``), elsewhere as a config name. A dataset
+id or revision the Hub does not have is reported in one message naming both (tested against the Hub
+stand-in of ``tests/hub_stand_in.py``, over the Hub's own HTTP endpoints).
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ import numpy as np
 from offseg_hf.data.files import LabelMapping, canonical_split, label_mapping_for
 from offseg_hf.data.registry import DATASETS, get_dataset
 
-__all__ = ["KNOWN_HUB_DATASETS", "load_hub_dataset"]
+__all__ = ["KNOWN_HUB_DATASETS", "PARQUET_EXPORT_REVISION", "load_hub_dataset"]
+
+PARQUET_EXPORT_REVISION = "refs/convert/parquet"
+"""The branch where the Hub's dataset viewer publishes a parquet copy of a dataset (one folder per config)."""
 
 # hub id -> its benchmark, columns, revision and split names (from each dataset's spec)
 KNOWN_HUB_DATASETS: dict[str, dict[str, Any]] = {
@@ -80,6 +89,10 @@ def load_hub_dataset(
 
     Returns:
         ``datasets.IterableDataset`` (``streaming=True``) or ``datasets.Dataset`` of canonical rows.
+
+    Raises:
+        FileNotFoundError: the Hub (``HF_ENDPOINT``) has no dataset ``hub_id`` or no such ``revision`` (or
+            refuses access to it); the message names both.
     """
     import datasets
 
@@ -98,7 +111,15 @@ def load_hub_dataset(
     hub_split = known.get("splits", {}).get(split, split)
     mapping = label_mapping_for(label_format, info.num_labels)
 
-    raw = datasets.load_dataset(hub_id, config_name, split=hub_split, revision=revision, streaming=streaming)
+    # the parquet export has no dataset card, hence no named configs: its configs are folders
+    config = {"data_dir" if revision == PARQUET_EXPORT_REVISION else "name": config_name}
+    try:
+        raw = datasets.load_dataset(hub_id, split=hub_split, revision=revision, streaming=streaming, **config)
+    except datasets.exceptions.DatasetNotFoundError as error:
+        raise FileNotFoundError(
+            f"cannot load Hub dataset {hub_id!r} at revision {revision or 'main'!r} from "
+            f"{datasets.config.HF_ENDPOINT}: {error} Check the dataset id and the revision."
+        ) from error
     columns = list(raw.column_names or [])
 
     def convert(row: dict, index: int) -> dict:
