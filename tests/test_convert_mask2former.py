@@ -306,3 +306,23 @@ def test_config_from_state_dict_reads_the_reduced_architecture(fixtures_dir):
     assert (config.hidden_dim, config.feature_size, config.mask_feature_size, config.num_queries) == (64, 64, 64, 20)
     assert (config.encoder_layers, config.encoder_feedforward_dim, config.decoder_layers, config.dim_feedforward) == (3, 256, 4, 512)
     assert (config.num_attention_heads, config.num_labels) == (8, 19)
+
+
+def test_push_to_hub_uploads_the_converted_folder(official_checkpoints, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    from hub_stand_in import LocalHub
+
+    out = tmp_path / "m2f"
+    with LocalHub() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setenv("HF_TOKEN", "hf_stand_in_token")
+        status = main(["convert", str(official_checkpoints["mask2former-swin-offset-small"]), str(out),
+                       "--push-to-hub", "someone/m2f-offset", "--private"])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    repo = hub.repos["someone/m2f-offset"]
+    assert repo.private and set(repo.files) == {p.name for p in out.iterdir()}
+    assert "Mask2Former" in repo.commits[0] and "uploaded:" in printed.out
+    assert b"mask2former" in repo.files["README.md"] and json.loads(repo.files["config.json"])["model_type"] == "mask2former_offset"

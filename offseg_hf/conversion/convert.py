@@ -53,6 +53,7 @@ from offseg_hf.conversion.mask2former import (
     mask2former_config_from_state_dict,
     model_class_for,
 )
+from offseg_hf.conversion.mask2former import preset_name as mask2former_preset_name
 from offseg_hf.conversion.keymaps import classifier_of, convert_official_state_dict, detect_preset, is_dropped, num_labels_of
 from offseg_hf.conversion.model_cards import render_backbone_card, render_mask2former_card, render_model_card
 from offseg_hf.conversion.reading import read_checkpoint
@@ -75,7 +76,6 @@ from offseg_hf.data.tables import DatasetInfo
 from offseg_hf.inference.image_processing_offseg import build_image_processor, build_mask2former_image_processor
 from offseg_hf.models.configuration_offseg import EfficientFormerV2Config, OffSegConfig
 from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2Backbone
-from offseg_hf.models.modeling_mask2former_offset import SWIN_SIZES
 from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
 from offseg_hf.models.modeling_segformer_offset import SegformerOffsetForSemanticSegmentation
 from offseg_hf.models.modeling_segnext import MscanBackbone, SegNextForSemanticSegmentation
@@ -483,14 +483,9 @@ def _build_mask2former(state_dict: Mapping[str, torch.Tensor], meta: Mapping, da
     info = resolve_dataset(mask2former_config_from_state_dict(state_dict).num_labels, dataset, meta)
     config = mask2former_config_from_state_dict(state_dict, id2label=info.id2label, label2id=info.label2id)
     config, weights, dropped = convert_mask2former_state_dict(state_dict, config)
-    offset = config.model_type == "mask2former_offset"
-    swin = config.backbone_config
-    preset = f"mask2former-swin-{swin.embed_dim}-{'-'.join(map(str, swin.depths))}" + ("-offset" if offset else "")
-    for size, (embed_dim, depths, num_heads, _) in SWIN_SIZES.items():
-        if [swin.embed_dim, list(swin.depths), list(swin.num_heads)] == [embed_dim, list(depths), list(num_heads)]:
-            preset = f"mask2former-{size}" + ("-offset" if offset else "")
+    preset = mask2former_preset_name(config)
     description = f"Mask2Former ({preset.removeprefix('mask2former-').removesuffix('-offset')})" + (
-        " w/ offset learning" if offset else ""
+        " w/ offset learning" if config.model_type == "mask2former_offset" else ""
     )
     card = lambda **facts: render_mask2former_card(config, info.name, **facts)  # noqa: E731
     return _Converted(model_class_for(config)(config), weights, info, preset, description, dropped,

@@ -38,6 +38,7 @@ from transformers.models.swin.modeling_swin import SwinRelativePositionBias
 
 from offseg_hf.conversion.accounting import ConversionError, account_for_keys, rename
 from offseg_hf.models.modeling_mask2former_offset import (
+    SWIN_SIZES,
     Mask2FormerOffsetForUniversalSegmentation,
     mask2former_swin_config,
 )
@@ -254,6 +255,23 @@ def mask2former_config_from_state_dict(state_dict: Mapping[str, torch.Tensor], *
     )
 
 
+def swin_size(config: Mask2FormerConfig) -> str | None:
+    """The name in :data:`SWIN_SIZES` (``"swin-t"``, …) of a configuration's backbone, or `None` for another size."""
+    swin = config.backbone_config
+    for size, (embed_dim, depths, num_heads, _) in SWIN_SIZES.items():
+        if (swin.embed_dim, tuple(swin.depths), tuple(swin.num_heads)) == (embed_dim, depths, num_heads):
+            return size
+    return None
+
+
+def preset_name(config: Mask2FormerConfig) -> str:
+    """``mask2former-swin-t-offset``, ``mask2former-swin-t``, …; another Swin size is named by its width and depths
+    (``mask2former-swin-32-2-2-2-2-offset``)."""
+    swin = config.backbone_config
+    size = swin_size(config) or f"swin-{swin.embed_dim}-{'-'.join(map(str, swin.depths))}"
+    return f"mask2former-{size}" + ("-offset" if config.model_type == "mask2former_offset" else "")
+
+
 def model_class_for(config: Mask2FormerConfig) -> type:
     """The model a configuration of :func:`mask2former_config_from_state_dict` builds."""
     return (Mask2FormerOffsetForUniversalSegmentation if config.model_type == "mask2former_offset"
@@ -351,4 +369,6 @@ __all__ = [
     "mask2former_key",
     "merge_order",
     "model_class_for",
+    "preset_name",
+    "swin_size",
 ]

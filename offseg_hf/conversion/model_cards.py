@@ -16,6 +16,7 @@ import jinja2.meta
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from offseg_hf.conversion.mask2former import swin_size
 from offseg_hf.data.registry import get_dataset, get_dataset_info
 from offseg_hf.models.configuration_offseg import OffSegConfig
 from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
@@ -256,16 +257,6 @@ MASK2FORMER_PAPER_RESULTS: dict[tuple[str, bool], dict[str, float]] = {
 }
 
 
-def _swin_size(config) -> str | None:
-    from offseg_hf.models.modeling_mask2former_offset import SWIN_SIZES
-
-    swin = config.backbone_config
-    for size, (embed_dim, depths, num_heads, _) in SWIN_SIZES.items():
-        if (swin.embed_dim, tuple(swin.depths), tuple(swin.num_heads)) == (embed_dim, depths, num_heads):
-            return size
-    return None
-
-
 def render_mask2former_card(
     config,
     dataset: str,
@@ -291,7 +282,7 @@ def render_mask2former_card(
     info = get_dataset_info(dataset)
     spec = _dataset_card(info.name)
     offset = config.model_type == "mask2former_offset"
-    size = _swin_size(config)
+    size = swin_size(config)
     swin_name = f"Swin-{size.split('-')[1].upper()}" if size else "Swin"
     model_name = f"Mask2Former ({swin_name})" + (" with offset learning" if offset else "")
     rows = ["| Model | Dataset | mIoU (%) | Params (M) | Source |", "|---|---|---|---|---|"]

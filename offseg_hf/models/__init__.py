@@ -14,7 +14,12 @@ so that a saved folder loaded as remote code leaves the global Auto maps alone.
 from .configuration_offseg import EFFICIENTFORMER_V2_VARIANTS, OFFSEG_PRESETS, EfficientFormerV2Config, OffSegConfig
 from .configuration_segnext import MSCAN_VARIANTS, SEGNEXT_PRESETS, MscanConfig, SegNextConfig
 from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, EfficientFormerV2PreTrainedModel, fold_batch_norm
-from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
+from .modeling_mask2former_offset import (
+    SWIN_SIZES,
+    Mask2FormerOffsetConfig,
+    Mask2FormerOffsetForUniversalSegmentation,
+    mask2former_swin_config,
+)
 from .modeling_offseg import (
     OffSegDecoder,
     OffSegForSemanticSegmentation,
@@ -77,6 +82,7 @@ __all__ = [
     "MSCAN_VARIANTS",
     "OFFSEG_PRESETS",
     "SEGNEXT_PRESETS",
+    "SWIN_SIZES",
     "EfficientFormerV2Backbone",
     "EfficientFormerV2Config",
     "EfficientFormerV2PreTrainedModel",
@@ -103,4 +109,5 @@ __all__ = [
     "SegNextPreTrainedModel",
     "carafe",
     "fold_batch_norm",
+    "mask2former_swin_config",
 ]
