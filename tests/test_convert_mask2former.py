@@ -326,3 +326,14 @@ def test_push_to_hub_uploads_the_converted_folder(official_checkpoints, tmp_path
     assert repo.private and set(repo.files) == {p.name for p in out.iterdir()}
     assert "Mask2Former" in repo.commits[0] and "uploaded:" in printed.out
     assert b"mask2former" in repo.files["README.md"] and json.loads(repo.files["config.json"])["model_type"] == "mask2former_offset"
+
+
+def test_detectron2_mask2former_layout_is_named(tmp_path):
+    checkpoint = tmp_path / "model_final.pth"
+    torch.save({"model": None, "state_dict": {
+        "backbone.layers.0.blocks.0.attn.qkv.weight": torch.zeros(288, 96),
+        "sem_seg_head.predictor.query_feat.weight": torch.zeros(100, 256),
+    }}, checkpoint)
+    with pytest.raises(ConversionError, match="detectron2 .*mmsegmentation's layout of Mask2Former"):
+        convert_any_checkpoint(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -144,6 +144,9 @@ class BackboneConversionResult:
 def _looks_like(state_dict: Mapping[str, torch.Tensor]) -> str:
     """A short guess of which architecture a state dict belongs to, for error messages."""
     keys = list(state_dict)
+    if any(k.startswith("sem_seg_head.") for k in keys):
+        return ("a detectron2 (facebookresearch) MaskFormer / Mask2Former checkpoint; `offseg convert` reads "
+                "mmsegmentation's layout of Mask2Former ('backbone.*', 'decode_head.*')")
     if any(k.startswith("backbone.layers.") for k in keys) and any("linear_fuse" in k or "fusion_conv" in k for k in keys):
         return "SegFormer (MiT backbone)"
     if any(k.startswith(("network.", "patch_embed.", "stem.", "stages.")) for k in keys) and "head.weight" in keys:

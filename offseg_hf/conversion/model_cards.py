@@ -283,6 +283,8 @@ def render_mask2former_card(
     spec = _dataset_card(info.name)
     offset = config.model_type == "mask2former_offset"
     size = swin_size(config)
+    swin = config.backbone_config
+    unused_norm = 2 * swin.embed_dim * 2 ** (len(swin.depths) - 1)
     swin_name = f"Swin-{size.split('-')[1].upper()}" if size else "Swin"
     model_name = f"Mask2Former ({swin_name})" + (" with offset learning" if offset else "")
     rows = ["| Model | Dataset | mIoU (%) | Params (M) | Source |", "|---|---|---|---|---|"]
@@ -326,7 +328,8 @@ def render_mask2former_card(
         "num_queries": str(config.num_queries),
         "decoder_layers": str(config.decoder_layers - 1),
         "hidden_dim": str(config.hidden_dim),
-        "parameters": f"{num_parameters:,} ({num_parameters / 1e6:.2f} M, counted from the model)",
+        "parameters": f"{num_parameters:,} ({num_parameters / 1e6:.2f} M, counted from the model; {unused_norm:,} of them "
+        "in the final LayerNorm that transformers' `SwinBackbone` holds but never applies)",
         "results_table": "\n".join(rows),
         "model_id": model_id,
         "resize_text": spec["resize"],
