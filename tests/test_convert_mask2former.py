@@ -337,3 +337,31 @@ def test_detectron2_mask2former_layout_is_named(tmp_path):
     with pytest.raises(ConversionError, match="detectron2 .*mmsegmentation's layout of Mask2Former"):
         convert_any_checkpoint(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dataset", ["ade20k", "cityscapes", "coco-stuff", "pascal-context"])
+def test_processor_is_the_reference_test_pipeline(dataset):
+    """The Mask2Former folders' processor resizes and normalises exactly as OffSeg's (tested against mmcv and the
+    reference normalisation in test_image_processing.py), with no stretch to a multiple of 32, and turns a label map
+    into per-class binary masks (reduced labels, 255 ignored) for training."""
+    import numpy as np
+    from PIL import Image
+
+    from offseg_hf.data.registry import get_dataset_info
+    from offseg_hf.inference.image_processing_offseg import build_image_processor, build_mask2former_image_processor
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8))
+    processor = build_mask2former_image_processor(dataset)
+    ours = processor(image, return_tensors="pt")
+    torch.testing.assert_close(ours["pixel_values"], build_image_processor(dataset)(image, return_tensors="pt")["pixel_values"],
+                               rtol=0, atol=0)
+    info = get_dataset_info(dataset)
+    assert processor.num_labels == info.num_labels and processor.do_reduce_labels == info.reduce_labels
+    labels = np.zeros((300, 400), np.uint8)
+    labels[:, 200:] = 3
+    labels[:10] = 255 if not info.reduce_labels else 0  # ignored either way
+    encoded = processor(image, segmentation_maps=Image.fromarray(labels), return_tensors="pt")
+    expected_classes = [2] if info.reduce_labels else [0, 3]
+    assert encoded["class_labels"][0].tolist() == expected_classes
+    assert encoded["mask_labels"][0].shape == (len(expected_classes), *ours["pixel_values"].shape[-2:])
