@@ -47,6 +47,7 @@ from offseg_hf.conversion.efficientformer_v2 import (
     load_imagenet_backbone_weights,
     transfer_attention_biases,
 )
+from offseg_hf.conversion.keymaps import classifier_of, convert_official_state_dict, detect_preset, is_dropped, num_labels_of
 from offseg_hf.conversion.mask2former import (
     convert_mask2former_state_dict,
     is_mask2former_state_dict,
@@ -54,7 +55,6 @@ from offseg_hf.conversion.mask2former import (
     model_class_for,
 )
 from offseg_hf.conversion.mask2former import preset_name as mask2former_preset_name
-from offseg_hf.conversion.keymaps import classifier_of, convert_official_state_dict, detect_preset, is_dropped, num_labels_of
 from offseg_hf.conversion.model_cards import render_backbone_card, render_mask2former_card, render_model_card
 from offseg_hf.conversion.reading import read_checkpoint
 from offseg_hf.conversion.segformer import (
