@@ -41,7 +41,8 @@ _LAZY = {
             "OffSegPreTrainedModel", "OffSegSimilaritySampler", "OffsetLearning",
             "SegformerOffsetConfig", "SegformerOffsetForSemanticSegmentation",
             "SegNextConfig", "SegNextForSemanticSegmentation", "SegNextHamburger", "SegNextLightHamHead",
-            "SegNextNMF2D", "SegNextPreTrainedModel", "carafe", "fold_batch_norm",
+            "SegNextNMF2D", "SegNextPreTrainedModel", "SWIN_SIZES", "carafe", "fold_batch_norm",
+            "mask2former_swin_config",
         )
     },
     "build_image_processor": "offseg_hf.inference.image_processing_offseg",
@@ -55,6 +56,7 @@ _LAZY = {
     "convert_segformer_offset_state_dict": "offseg_hf.conversion.segformer",
     "convert_mscan_state_dict": "offseg_hf.conversion.segnext",
     "convert_segnext_state_dict": "offseg_hf.conversion.segnext",
+    "convert_mask2former_state_dict": "offseg_hf.conversion.mask2former",
 }
 
 __all__ = sorted(_LAZY)
@@ -76,6 +78,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static analysers and IDEs see
+    from offseg_hf.conversion.mask2former import convert_mask2former_state_dict
     from offseg_hf.conversion.segformer import convert_segformer_offset_state_dict
     from offseg_hf.conversion.segnext import convert_mscan_state_dict, convert_segnext_state_dict
     from offseg_hf.deploy.onnx_export import export_onnx

@@ -1,8 +1,8 @@
 """``offseg convert``: an official checkpoint → a Transformers folder (and optionally a Hub repo).
 
 OffSeg checkpoints (``state_dict`` with ``backbone.*``/``decode_head.*``) become
-``OffSegForSemanticSegmentation`` folders, SegFormer / SegNeXt (w/ offset learning) checkpoints their own model
-folders; EfficientFormerV2 ImageNet checkpoints (``eformer_*.pth``, timm ``efficientformerv2_*``) and MSCAN
+``OffSegForSemanticSegmentation`` folders, SegFormer / SegNeXt / Mask2Former-Swin (w/ offset learning) checkpoints
+their own model folders; EfficientFormerV2 ImageNet checkpoints (``eformer_*.pth``, timm ``efficientformerv2_*``) and MSCAN
 ImageNet checkpoints (``mscan_{t,s,b,l}``) become backbone folders. The work happens in
 :func:`offseg_hf.conversion.convert.convert_any_checkpoint`; this module parses arguments and prints the outcome.
 """
@@ -15,6 +15,7 @@ import sys
 EXAMPLES = """
   offseg convert offseg-t_ade20k.pth offseg-t-ade20k --verify
   offseg convert eformer_s1_450.pth efficientformerv2-s1
+  offseg convert mask2former_offset_learning_swin-t_ade20k.pth mask2former-swin-t-offset-ade20k --verify
   offseg convert offseg-t_ade20k.pth offseg-t-ade20k --push-to-hub USER/offseg-t-ade20k --private
 """
 
@@ -23,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``offseg convert``."""
     parser.add_argument(
         "checkpoint",
-        help="the authors' OffSeg, SegFormer or SegNeXt (w/ offset learning) checkpoint, an mmsegmentation SegNeXt "
-        "checkpoint (.pth with 'state_dict' and 'meta'), or an EfficientFormerV2 (eformer_*.pth, timm) or MSCAN "
+        help="the authors' OffSeg, SegFormer, SegNeXt or Mask2Former-Swin (w/ offset learning) checkpoint, an "
+        "mmsegmentation SegNeXt or Mask2Former-Swin checkpoint (.pth with 'state_dict' and 'meta'), or an EfficientFormerV2 (eformer_*.pth, timm) or MSCAN "
         "(mscan_*.pth) ImageNet checkpoint",
     )
     parser.add_argument("output_dir", help="folder to create, e.g. offseg-t-ade20k")

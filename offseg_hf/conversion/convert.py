@@ -2,18 +2,20 @@
 
 :func:`convert_any_checkpoint` (``offseg convert``) reads the file once (:mod:`~offseg_hf.conversion.reading`:
 safetensors or ``weights_only=True``), detects what it holds (:data:`CHECKPOINT_KINDS`: OffSeg, SegFormer + offset
-learning, SegNeXt ± offset learning, EfficientFormerV2 ImageNet in the authors' or timm's layout, MSCAN ImageNet)
+learning, SegNeXt ± offset learning, Mask2Former ± offset learning (Swin), EfficientFormerV2 ImageNet in the authors'
+or timm's layout, MSCAN ImageNet)
 and dispatches to that kind's converter:
 
 * :func:`convert_checkpoint`: OffSeg → a folder with ``config.json`` (the dataset's real ``id2label``),
   ``model.safetensors``, ``preprocessor_config.json`` (the paper's test-time pipeline of that dataset) and
   ``README.md`` (model card);
-* :func:`convert_segformer_offset_checkpoint`, :func:`convert_segnext_checkpoint`: the same for those models;
+* :func:`convert_segformer_offset_checkpoint`, :func:`convert_segnext_checkpoint`,
+  :func:`convert_mask2former_checkpoint`: the same for those models (Mask2Former: its own image processor and card);
 * :func:`convert_backbone_checkpoint`, :func:`convert_mscan_checkpoint`: ImageNet backbones to start training from.
 
 Each converter maps the keys with its declarative rules (:mod:`~offseg_hf.conversion.keymaps`,
 :mod:`~offseg_hf.conversion.segformer`, :mod:`~offseg_hf.conversion.segnext`,
-:mod:`~offseg_hf.conversion.efficientformer_v2`), accounts for every key
+:mod:`~offseg_hf.conversion.mask2former`, :mod:`~offseg_hf.conversion.efficientformer_v2`), accounts for every key
 (:func:`~offseg_hf.conversion.accounting.account_for_keys`), and ends the same way (:func:`_finish`): the folder is
 written to a temporary sibling and renamed into place (a failure leaves nothing behind), optionally reloaded and
 compared (weights and logits), then optionally uploaded. Every failure is a
@@ -46,7 +48,14 @@ from offseg_hf.conversion.efficientformer_v2 import (
     transfer_attention_biases,
 )
 from offseg_hf.conversion.keymaps import classifier_of, convert_official_state_dict, detect_preset, is_dropped, num_labels_of
-from offseg_hf.conversion.model_cards import render_backbone_card, render_model_card
+from offseg_hf.conversion.mask2former import (
+    convert_mask2former_state_dict,
+    is_mask2former_state_dict,
+    mask2former_config_from_state_dict,
+    model_class_for,
+)
+from offseg_hf.conversion.mask2former import preset_name as mask2former_preset_name
+from offseg_hf.conversion.model_cards import render_backbone_card, render_mask2former_card, render_model_card
 from offseg_hf.conversion.reading import read_checkpoint
 from offseg_hf.conversion.segformer import (
     convert_segformer_offset_state_dict,
@@ -64,7 +73,7 @@ from offseg_hf.conversion.segnext import (
 )
 from offseg_hf.data.registry import DATASET_NAMES, get_dataset_info, identify_dataset
 from offseg_hf.data.tables import DatasetInfo
-from offseg_hf.inference.image_processing_offseg import build_image_processor
+from offseg_hf.inference.image_processing_offseg import build_image_processor, build_mask2former_image_processor
 from offseg_hf.models.configuration_offseg import EfficientFormerV2Config, OffSegConfig
 from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2Backbone
 from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
@@ -84,6 +93,7 @@ __all__ = [
     "convert_any_checkpoint",
     "convert_backbone_checkpoint",
     "convert_checkpoint",
+    "convert_mask2former_checkpoint",
     "convert_mscan_checkpoint",
     "convert_segformer_offset_checkpoint",
     "convert_segnext_checkpoint",
@@ -134,6 +144,9 @@ class BackboneConversionResult:
 def _looks_like(state_dict: Mapping[str, torch.Tensor]) -> str:
     """A short guess of which architecture a state dict belongs to, for error messages."""
     keys = list(state_dict)
+    if any(k.startswith("sem_seg_head.") for k in keys):
+        return ("a detectron2 (facebookresearch) MaskFormer / Mask2Former checkpoint; `offseg convert` reads "
+                "mmsegmentation's layout of Mask2Former ('backbone.*', 'decode_head.*')")
     if any(k.startswith("backbone.layers.") for k in keys) and any("linear_fuse" in k or "fusion_conv" in k for k in keys):
         return "SegFormer (MiT backbone)"
     if any(k.startswith(("network.", "patch_embed.", "stem.", "stages.")) for k in keys) and "head.weight" in keys:
@@ -218,7 +231,8 @@ def _verify_folder(folder: Path, mapped: Mapping[str, torch.Tensor], reference_m
 
     * every tensor in ``model.safetensors`` equals the original tensor it was mapped from;
     * the reloaded model and ``reference_model`` (built in memory from the original tensors) give the
-      same logits on a fixed input ``randn(1, 3, size, size)`` (generator seed 0).
+      same logits (Mask2Former: class and mask logits of the last stage) on a fixed input
+      ``randn(1, 3, size, size)`` (generator seed 0).
     """
     reloaded = type(reference_model).from_pretrained(folder).eval()
     saved = reloaded.state_dict()
@@ -230,17 +244,24 @@ def _verify_folder(folder: Path, mapped: Mapping[str, torch.Tensor], reference_m
             raise ConversionError(f"verify: {key!r} saved with shape {tuple(saved[key].shape)}, original {tuple(value.shape)}")
         weight_diff = max(weight_diff, (saved[key].double() - value.double()).abs().max().item() if value.numel() else 0.0)
     pixel_values = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    expected = reference_model(pixel_values).logits
-    logits = reloaded(pixel_values).logits
-    if not torch.isfinite(logits).all():
+    expected, outputs = _output_logits(reference_model(pixel_values)), _output_logits(reloaded(pixel_values))
+    if not all(torch.isfinite(logits).all() for logits in outputs):
         raise ConversionError("verify: the converted model produces non-finite logits")
-    logits_diff = (logits - expected).abs().max().item()
+    logits_diff = max((ours - theirs).abs().max().item() for ours, theirs in zip(outputs, expected))
+    logits = torch.cat([logits.flatten() for logits in outputs])
     if weight_diff != 0.0 or logits_diff > 1e-5:
         raise ConversionError(
             f"verify failed: max |saved - original| weight difference {weight_diff:.3g}, logits difference {logits_diff:.3g}"
         )
     AutoImageProcessor.from_pretrained(folder)  # the processor config must load as well
     return {"max_weight_diff": weight_diff, "max_logits_diff": logits_diff, "logits_std": logits.std().item()}
+
+
+def _output_logits(outputs) -> tuple[torch.Tensor, ...]:
+    """The logits of a segmentation output: ``logits``, or Mask2Former's class and mask logits."""
+    if getattr(outputs, "logits", None) is not None:
+        return (outputs.logits,)
+    return outputs.class_queries_logits, outputs.masks_queries_logits
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -322,9 +343,8 @@ def _finish(result, output_dir: Path, overwrite: bool, write_files: Callable[[Pa
     return result
 
 
-def _segmentation_files(model, dataset: str, card: Callable[[], str] | None = None) -> Callable[[Path], None]:
-    """What a segmentation folder holds: the model, the dataset's processor and (OffSeg) the model card."""
-    processor = build_image_processor(dataset)
+def _segmentation_files(model, processor, card: Callable[[], str] | None = None) -> Callable[[Path], None]:
+    """What a segmentation folder holds: the model, the dataset's processor and (OffSeg, Mask2Former) the card."""
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
@@ -365,7 +385,9 @@ _SEGMENTATION_OPTIONS = """
 
 @dataclass
 class _Converted:
-    """What a segmentation builder makes of a state dict: the model (weights not loaded yet) and its weights."""
+    """What a segmentation builder makes of a state dict: the model (weights not loaded yet) and its weights,
+    optionally its image processor (default: :func:`build_image_processor` of the dataset) and its model card
+    (``card(model_id=, num_parameters=, source_checkpoint=)``; default: none)."""
 
     model: torch.nn.Module
     weights: dict[str, torch.Tensor]
@@ -373,6 +395,8 @@ class _Converted:
     preset: str
     description: str
     dropped: list[str]
+    processor: object | None = None
+    card: Callable[..., str] | None = None
 
 
 def _convert_segmentation(
@@ -406,13 +430,14 @@ def _convert_segmentation(
         output_dir, converted.preset, info.name, info.num_labels, num_parameters, dropped_keys=sorted(converted.dropped)
     )
     card = None
-    if isinstance(model, OffSegForSemanticSegmentation):  # the cards are OffSeg's
-        card = lambda: render_model_card(  # noqa: E731
-            converted.preset, info.name, model_id=model_id or push_to_hub or output_dir.name,
-            num_parameters=num_parameters, source_checkpoint=checkpoint.name,
+    if converted.card is not None:
+        card = lambda: converted.card(  # noqa: E731
+            model_id=model_id or push_to_hub or output_dir.name, num_parameters=num_parameters,
+            source_checkpoint=checkpoint.name,
         )
+    processor = converted.processor if converted.processor is not None else build_image_processor(info.name)
     return _finish(
-        result, output_dir, overwrite, _segmentation_files(model, info.name, card),
+        result, output_dir, overwrite, _segmentation_files(model, processor, card),
         verify_with=(converted.weights, model, verify_size) if verify else None, push_to_hub=push_to_hub,
         private=private, token=token,
         commit_message=f"Add {converted.description} ({info.name}) converted from {checkpoint.name}",
@@ -435,7 +460,8 @@ def _build_offseg(state_dict: Mapping[str, torch.Tensor], meta: Mapping, dataset
     except ConversionError as error:
         raise ConversionError(f"({preset}, {info.name}) {error}") from None
     dropped = [key for key in state_dict if is_dropped(key, config.classifier)]
-    return _Converted(model, weights, info, preset, preset, dropped)
+    card = lambda **facts: render_model_card(preset, info.name, **facts)  # noqa: E731
+    return _Converted(model, weights, info, preset, preset, dropped, card=card)
 
 
 def _build_segformer_offset(state_dict: Mapping[str, torch.Tensor], meta: Mapping, dataset: str | None) -> _Converted:
@@ -454,6 +480,19 @@ def _build_segnext(state_dict: Mapping[str, torch.Tensor], meta: Mapping, datase
     preset = preset_name(config)
     description = f"SegNeXt-{preset.split('-')[1].upper()}" + (" w/ offset learning" if config.classifier == "offset_learning" else "")
     return _Converted(SegNextForSemanticSegmentation(config), weights, info, preset, description, dropped)
+
+
+def _build_mask2former(state_dict: Mapping[str, torch.Tensor], meta: Mapping, dataset: str | None) -> _Converted:
+    info = resolve_dataset(mask2former_config_from_state_dict(state_dict).num_labels, dataset, meta)
+    config = mask2former_config_from_state_dict(state_dict, id2label=info.id2label, label2id=info.label2id)
+    config, weights, dropped = convert_mask2former_state_dict(state_dict, config)
+    preset = mask2former_preset_name(config)
+    description = f"Mask2Former ({preset.removeprefix('mask2former-').removesuffix('-offset')})" + (
+        " w/ offset learning" if config.model_type == "mask2former_offset" else ""
+    )
+    card = lambda **facts: render_mask2former_card(config, info.name, **facts)  # noqa: E731
+    return _Converted(model_class_for(config)(config), weights, info, preset, description, dropped,
+                      processor=build_mask2former_image_processor(info.name), card=card)
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **options) -> ConversionResult:
@@ -480,7 +519,19 @@ def convert_segnext_checkpoint(checkpoint: str | os.PathLike, output_dir: str | 
     return _convert_segmentation(_build_segnext, checkpoint, output_dir, **options)
 
 
-for _converter in (convert_checkpoint, convert_segformer_offset_checkpoint, convert_segnext_checkpoint):
+def convert_mask2former_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **options) -> ConversionResult:
+    """Convert an official Mask2Former checkpoint, plain (mmsegmentation) or "w/ Offset Learning" (the OffSeg
+    authors'), on a Swin backbone of any size, into a transformers ``Mask2FormerForUniversalSegmentation`` /
+    :class:`~offseg_hf.models.modeling_mask2former_offset.Mask2FormerOffsetForUniversalSegmentation` folder with
+    the reference test pipeline's image processor and a model card; every key is mapped, checked and dropped, or
+    provided by the model (:func:`offseg_hf.conversion.mask2former.convert_mask2former_state_dict`). A backbone
+    other than Swin or a head other than Mask2Former is refused before anything is written.
+    """
+    return _convert_segmentation(_build_mask2former, checkpoint, output_dir, **options)
+
+
+for _converter in (convert_checkpoint, convert_segformer_offset_checkpoint, convert_segnext_checkpoint,
+                   convert_mask2former_checkpoint):
     _converter.__doc__ += _SEGMENTATION_OPTIONS
 
 
@@ -590,6 +641,8 @@ CHECKPOINT_KINDS: tuple[CheckpointKind, ...] = (
                    ("attention_biases",)),
     CheckpointKind("SegFormer + offset learning", is_segformer_offset_state_dict, convert_segformer_offset_checkpoint,
                    ("dataset", "verify", "verify_size")),
+    CheckpointKind("Mask2Former (Swin)", is_mask2former_state_dict, convert_mask2former_checkpoint,
+                   ("dataset", "verify", "verify_size", "model_id")),
     CheckpointKind("OffSeg", lambda state_dict: True, convert_checkpoint, ("dataset", "verify", "verify_size", "model_id")),
 )
 _COMMON_OPTIONS = {"overwrite", "push_to_hub", "private", "token"}

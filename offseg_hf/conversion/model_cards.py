@@ -16,6 +16,7 @@ import jinja2.meta
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from offseg_hf.conversion.mask2former import swin_size
 from offseg_hf.data.registry import get_dataset, get_dataset_info
 from offseg_hf.models.configuration_offseg import OffSegConfig
 from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
@@ -27,6 +28,7 @@ __all__ = [
     "card_name",
     "default_template_path",
     "render_backbone_card",
+    "render_mask2former_card",
     "render_model_card",
     "write_model_cards",
 ]
@@ -246,6 +248,94 @@ def render_backbone_card(
             "training_snippet": training_snippet,
         },
     )
+
+
+# Reported by the paper (Table 5, ADE20K val, single scale): mIoU (%) and parameters (M) of Mask2Former on Swin-T.
+MASK2FORMER_PAPER_RESULTS: dict[tuple[str, bool], dict[str, float]] = {
+    ("swin-t", False): {"miou": 47.7, "params_m": 47.4},
+    ("swin-t", True): {"miou": 50.3, "params_m": 47.6},
+}
+
+
+def render_mask2former_card(
+    config,
+    dataset: str,
+    *,
+    model_id: str,
+    num_parameters: int,
+    source_checkpoint: str | None = None,
+    template: str | os.PathLike | None = None,
+) -> str:
+    """Card of a converted Mask2Former (+ offset learning) model (``templates/MASK2FORMER_TEMPLATE.md``).
+
+    Args:
+        config: the model's `Mask2FormerConfig` / `Mask2FormerOffsetConfig` (Swin backbone).
+        dataset: a dataset name or alias.
+        model_id: name used in the usage snippet (Hub repo id or folder).
+        num_parameters: parameter count to print.
+        source_checkpoint: file name of the converted checkpoint, recorded in a provenance note.
+        template: template file; default ``templates/MASK2FORMER_TEMPLATE.md``.
+    """
+    path = Path(template) if template is not None else default_template_path().with_name("MASK2FORMER_TEMPLATE.md")
+    if not path.is_file():
+        raise FileNotFoundError(f"Mask2Former card template {path} not found; pass template=")
+    info = get_dataset_info(dataset)
+    spec = _dataset_card(info.name)
+    offset = config.model_type == "mask2former_offset"
+    size = swin_size(config)
+    swin = config.backbone_config
+    unused_norm = 2 * swin.embed_dim * 2 ** (len(swin.depths) - 1)
+    swin_name = f"Swin-{size.split('-')[1].upper()}" if size else "Swin"
+    model_name = f"Mask2Former ({swin_name})" + (" with offset learning" if offset else "")
+    rows = ["| Model | Dataset | mIoU (%) | Params (M) | Source |", "|---|---|---|---|---|"]
+    for with_offsets in (False, True):
+        reported = MASK2FORMER_PAPER_RESULTS.get((size, with_offsets)) if info.name == "ade20k" else None
+        name = f"Mask2Former ({swin_name})" + (" + offset learning" if with_offsets else "")
+        name = f"**{name}**" if with_offsets == offset else name
+        if reported:
+            rows.append(f"| {name} | {spec['title']} | {reported['miou']:.1f} | {reported['params_m']:.1f} | reported by the paper (Table 5) |")
+        else:
+            rows.append(f"| {name} | {spec['title']} | see the paper | see the paper | [paper]({_PAPER_URL}) |")
+    provenance = ""
+    if source_checkpoint:
+        provenance = (
+            f"\n## Conversion\n\nConverted from the authors' checkpoint `{source_checkpoint}` with `offseg convert` "
+            "(offseg-hf); every tensor of the checkpoint was mapped, or checked and dropped (Swin's relative position "
+            "indices, which the model builds itself).\n"
+        )
+    variant_text = (
+        "Mask2Former with offset learning before every mask prediction: the query mask embeddings and the pixel "
+        "embeddings are aligned by a class offset and a feature offset before their product, at every decoder stage."
+        if offset else "Mask2Former (masked-attention mask transformer), the baseline of the paper's Table 5."
+    )
+    card_data = ModelCardData(
+        license="other", license_name="offseg-non-commercial", license_link="https://github.com/HVision-NKU/OffSeg",
+        library_name="transformers", pipeline_tag="image-segmentation",
+        tags=["vision", "image-segmentation", "semantic-segmentation", "mask2former", "swin", "offseg", spec["slug"]],
+        datasets=[spec["hub"]], metrics=["mean_iou"],
+    )
+    return _render(path, card_data, {
+        "title": f"{model_name} — {spec['title']}",
+        "variant_text": variant_text,
+        "model_name": model_name,
+        "dataset_title": spec["title"],
+        "num_labels": str(info.num_labels),
+        "num_labels_plus_one": str(info.num_labels + 1),
+        "architecture": "Mask2FormerOffsetForUniversalSegmentation" if offset else "Mask2FormerForUniversalSegmentation",
+        "swin_dim": str(config.backbone_config.embed_dim),
+        "swin_depths": str(list(config.backbone_config.depths)),
+        "swin_window": str(config.backbone_config.window_size),
+        "num_queries": str(config.num_queries),
+        "decoder_layers": str(config.decoder_layers - 1),
+        "hidden_dim": str(config.hidden_dim),
+        "parameters": f"{num_parameters:,} ({num_parameters / 1e6:.2f} M, counted from the model; {unused_norm:,} of them "
+        "in the final LayerNorm that transformers' `SwinBackbone` holds but never applies)",
+        "results_table": "\n".join(rows),
+        "model_id": model_id,
+        "resize_text": spec["resize"],
+        "dataset_limitations": spec["limitations"],
+        "provenance": provenance,
+    })
 
 
 def write_model_cards(directory: str | os.PathLike | None = None) -> list[Path]:

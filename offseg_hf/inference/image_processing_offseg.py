@@ -28,7 +28,7 @@ one, so re-saving an old folder's processor migrates it.
 
 from __future__ import annotations
 
-from transformers import SegformerImageProcessor
+from transformers import Mask2FormerImageProcessor, SegformerImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from offseg_hf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -62,6 +62,46 @@ def build_image_processor(
     Raises:
         ValueError: an unknown dataset, or ``"synthetic"`` without ``scale``.
     """
+    scale, do_reduce_labels = _test_pipeline(dataset, scale, do_reduce_labels)
+    return SegformerImageProcessor(
+        size={"shortest_edge": int(min(scale)), "longest_edge": int(max(scale))},
+        resample=PILImageResampling.BILINEAR,
+        do_convert_rgb=True,
+        image_mean=OFFSEG_IMAGE_MEAN,
+        image_std=OFFSEG_IMAGE_STD,
+        do_reduce_labels=do_reduce_labels,
+    )
+
+
+def build_mask2former_image_processor(
+    dataset: str = "ade20k", *, scale: tuple[int, int] | None = None, do_reduce_labels: bool | None = None
+) -> Mask2FormerImageProcessor:
+    """The image processor of Mask2Former (+ offset learning) folders: transformers' ``Mask2FormerImageProcessor``
+    with the reference test pipeline of ``dataset`` (arguments as :func:`build_image_processor`).
+
+    The same keep-ratio resize and normalisation as OffSeg's, label reduction as the dataset needs it (255
+    ignored), and ``size_divisor=0``: transformers' default (32) stretches the resized image to a multiple of 32,
+    where the reference's ``SegDataPreProcessor`` zero-pads it (bottom / right, after normalisation) and crops the
+    prediction back. Batches are padded bottom / right to their largest image, as the reference pads them.
+    """
+    scale, do_reduce_labels = _test_pipeline(dataset, scale, do_reduce_labels)
+    from offseg_hf.data.registry import get_dataset_info
+
+    return Mask2FormerImageProcessor(
+        size={"shortest_edge": int(min(scale)), "longest_edge": int(max(scale))},
+        size_divisor=0,
+        resample=PILImageResampling.BILINEAR,
+        do_convert_rgb=True,
+        image_mean=OFFSEG_IMAGE_MEAN,
+        image_std=OFFSEG_IMAGE_STD,
+        do_reduce_labels=do_reduce_labels,
+        ignore_index=255,
+        num_labels=None if dataset.lower() == "synthetic" else get_dataset_info(dataset).num_labels,
+    )
+
+
+def _test_pipeline(dataset: str, scale: tuple[int, int] | None, do_reduce_labels: bool | None) -> tuple[tuple[int, int], bool]:
+    """``(scale, do_reduce_labels)`` of ``dataset``'s test pipeline; given values are checked and kept."""
     from offseg_hf.data.registry import get_dataset_info
     from offseg_hf.inference.segment import get_protocol
 
@@ -74,14 +114,13 @@ def build_image_processor(
         raise ValueError(f"scale must be two positive integers (long-side limit, short-side target), got {scale!r}")
     if do_reduce_labels is None:
         do_reduce_labels = False if synthetic else get_dataset_info(dataset).reduce_labels
-    return SegformerImageProcessor(
-        size={"shortest_edge": int(min(scale)), "longest_edge": int(max(scale))},
-        resample=PILImageResampling.BILINEAR,
-        do_convert_rgb=True,
-        image_mean=OFFSEG_IMAGE_MEAN,
-        image_std=OFFSEG_IMAGE_STD,
-        do_reduce_labels=bool(do_reduce_labels),
-    )
+    return scale, bool(do_reduce_labels)
 
 
-__all__ = ["OFFSEG_IMAGE_MEAN", "OFFSEG_IMAGE_STD", "OffSegImageProcessor", "build_image_processor"]
+__all__ = [
+    "OFFSEG_IMAGE_MEAN",
+    "OFFSEG_IMAGE_STD",
+    "OffSegImageProcessor",
+    "build_image_processor",
+    "build_mask2former_image_processor",
+]

@@ -16,7 +16,12 @@ from .configuration_offseg import EFFICIENTFORMER_V2_VARIANTS, OFFSEG_PRESETS, E
 from .configuration_segnext import MSCAN_VARIANTS, SEGNEXT_PRESETS, MscanConfig, SegNextConfig
 from .image_processing_offseg import OffSegImageProcessor
 from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, EfficientFormerV2PreTrainedModel, fold_batch_norm
-from .modeling_mask2former_offset import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
+from .modeling_mask2former_offset import (
+    SWIN_SIZES,
+    Mask2FormerOffsetConfig,
+    Mask2FormerOffsetForUniversalSegmentation,
+    mask2former_swin_config,
+)
 from .modeling_offseg import (
     OffSegDecoder,
     OffSegForSemanticSegmentation,
@@ -94,6 +99,7 @@ __all__ = [
     "MSCAN_VARIANTS",
     "OFFSEG_PRESETS",
     "SEGNEXT_PRESETS",
+    "SWIN_SIZES",
     "EfficientFormerV2Backbone",
     "EfficientFormerV2Config",
     "EfficientFormerV2PreTrainedModel",
@@ -121,4 +127,5 @@ __all__ = [
     "SegNextPreTrainedModel",
     "carafe",
     "fold_batch_norm",
+    "mask2former_swin_config",
 ]

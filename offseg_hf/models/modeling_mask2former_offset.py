@@ -17,6 +17,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import initialization as init
 from transformers.models.mask2former.configuration_mask2former import Mask2FormerConfig
+from transformers.models.swin.configuration_swin import SwinConfig
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerForUniversalSegmentation,
     Mask2FormerMaskPredictor,
@@ -57,6 +58,46 @@ class Mask2FormerOffsetConfig(Mask2FormerConfig):
         fields = {key: value for key, value in config.to_dict().items() if key not in _NON_ARCHITECTURE_KEYS}
         fields.update(kwargs)
         return cls(**fields)
+
+
+# The Swin sizes of mmsegmentation's Mask2Former configs: (embed_dim, depths, num_heads, window_size).
+SWIN_SIZES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], int]] = {
+    "swin-t": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7),
+    "swin-s": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
+    "swin-b": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
+    "swin-l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
+}
+
+
+def mask2former_swin_config(
+    swin: str | dict = "swin-t", *, num_labels: int = 150, offset_learning: bool = True, **fields
+) -> Mask2FormerConfig:
+    """The configuration of the reference Mask2Former (+ offset learning) on a Swin backbone.
+
+    The head is that of mmsegmentation's ``mask2former_swin-t_8xb2-160k_ade20k-512x512`` (and the OffSeg authors'
+    offset-learning twin): 256 channels everywhere, 100 queries, 6 deformable encoder layers (FFN 1024), 9 decoder
+    layers (``decoder_layers=10``: transformers counts the initial prediction), FFN 2048, 8 heads; the backbone is
+    Swin with LayerNorm ε 1e-5, q/k/v bias, MLP ratio 4, stochastic depth 0.3 and all four stages out.
+
+    Args:
+        swin: a name of :data:`SWIN_SIZES` (``"swin-t"``, …) or the Swin fields themselves
+            (``{"embed_dim": 32, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8], …}``, any `SwinConfig` field).
+        num_labels: K, the classes without the no-object class.
+        offset_learning: a [`Mask2FormerOffsetConfig`] when `True`, transformers' plain [`Mask2FormerConfig`] when
+            `False`.
+        fields: any other field of the head (``hidden_dim``, ``num_queries``, ``id2label``, …).
+    """
+    if isinstance(swin, str):
+        if swin not in SWIN_SIZES:
+            raise ValueError(f"unknown Swin size {swin!r}; choose one of {', '.join(SWIN_SIZES)} or pass the Swin fields")
+        embed_dim, depths, num_heads, window_size = SWIN_SIZES[swin]
+        swin = {"embed_dim": embed_dim, "depths": list(depths), "num_heads": list(num_heads), "window_size": window_size}
+    backbone = {
+        "mlp_ratio": 4.0, "qkv_bias": True, "drop_path_rate": 0.3, "layer_norm_eps": 1e-5,
+        "out_features": ["stage1", "stage2", "stage3", "stage4"], **swin,
+    }
+    config_class = Mask2FormerOffsetConfig if offset_learning else Mask2FormerConfig
+    return config_class(backbone_config=SwinConfig(**backbone), num_labels=num_labels, **fields)
 
 
 class Mask2FormerOffsetMaskPredictor(Mask2FormerMaskPredictor):
@@ -122,6 +163,8 @@ Mask2FormerOffsetConfig.register_for_auto_class()
 Mask2FormerOffsetForUniversalSegmentation.register_for_auto_class("AutoModelForUniversalSegmentation")
 
 __all__ = [
+    "SWIN_SIZES",
+    "mask2former_swin_config",
     "Mask2FormerOffsetConfig",
     "Mask2FormerOffsetForUniversalSegmentation",
     "Mask2FormerOffsetMaskPredictor",
