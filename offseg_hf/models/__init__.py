@@ -6,8 +6,8 @@ offset learning, SegNeXt and its MSCAN backbone) import only each other, ``offse
 
 Importing this package (which any import of a model class does, directly or through ``offseg_hf``'s lazy names)
 registers the models with the Auto classes, once, here: AutoConfig, AutoBackbone (EfficientFormerV2, MSCAN),
-AutoModel / AutoModelForSemanticSegmentation (OffSeg, SegFormer + offset learning, SegNeXt) and
-AutoModelForUniversalSegmentation (Mask2Former + offset learning). The modeling files themselves register nothing,
+AutoModel / AutoModelForSemanticSegmentation (OffSeg, SegFormer + offset learning, SegNeXt, Mask2Former + offset
+learning) and AutoModelForUniversalSegmentation (Mask2Former + offset learning). The modeling files themselves register nothing,
 so that a saved folder loaded as remote code leaves the global Auto maps alone.
 """
 
@@ -59,6 +59,10 @@ def _register_auto_classes() -> None:
     )
     AutoModelForSemanticSegmentation.register(SegNextConfig, SegNextForSemanticSegmentation, exist_ok=True)
     AutoModelForUniversalSegmentation.register(
+        Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation, exist_ok=True
+    )
+    # also a semantic-segmentation model: what pipeline("image-segmentation") and `offseg predict` load
+    AutoModelForSemanticSegmentation.register(
         Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation, exist_ok=True
     )
     # Hub SegFormer checkpoints name the per-level projections ``decode_head.linear_c`` (transformers renames them
