@@ -20,6 +20,11 @@ target length (683×512 ADE20K images stay as they are) or the long side's fract
 protocol is :func:`offseg_hf.segment`, which keeps mmcv's sizes and uses this processor only to resize to the
 size it chose and to normalise.
 
+Mask2Former folders (``mask2former`` / ``mask2former_offset``) get :class:`Mask2FormerSemanticImageProcessor`
+(``build_image_processor(dataset, model_type=...)``): the same steps plus the reference's padding to a multiple of 32
+and its semantic prediction from masks and classes in ``post_process_semantic_segmentation``. It is not a class of
+transformers: ``AutoImageProcessor`` finds it by name once this module is imported.
+
 ``OffSegImageProcessor`` remains only so that folders saved by offseg-hf ≤ 0.1 (``"image_processor_type":
 "OffSegImageProcessor"``) still load with ``AutoImageProcessor`` once ``offseg_hf`` is imported; it is
 SegformerImageProcessor unchanged and saves itself as one, so re-saving an old folder's processor migrates it.
@@ -201,7 +206,7 @@ class Mask2FormerSemanticImageProcessor(SegformerImageProcessor):
         """
         if not hasattr(outputs, "masks_queries_logits"):
             return super().post_process_semantic_segmentation(outputs, target_sizes, return_segmentation_scores)
-        from offseg_hf.inference.segment import mask_classification_scores
+        from offseg_hf.inference.segment import mask_classification_label_map
 
         class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
         batch = class_logits.shape[0]
@@ -225,7 +230,7 @@ class Mask2FormerSemanticImageProcessor(SegformerImageProcessor):
                 "pass input_sizes=[(h, w), ...], the sizes of the images inside pixel_values before padding")
         results = []
         for index in range(batch):
-            label_map, scores = mask_classification_scores(
+            label_map, scores = mask_classification_label_map(
                 class_logits[index], mask_logits[index], padded, tuple(input_sizes[index]), tuple(target_sizes[index]),
                 return_scores=return_segmentation_scores,
             )

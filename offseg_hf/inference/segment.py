@@ -72,6 +72,7 @@ __all__ = [
     "SegmentationResult",
     "get_protocol",
     "is_mask_classification",
+    "mask_classification_label_map",
     "mask_classification_scores",
     "pad_to_multiple",
     "rescale_size",
@@ -394,24 +395,39 @@ def mask_classification_scores(
     mask_logits: torch.Tensor,
     padded_size: tuple[int, int],
     input_size: tuple[int, int],
-    output_size: tuple[int, int] | None = None,
     *,
-    return_scores: bool = False,
     band_bytes: int = DEFAULT_BAND_BYTES,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The reference's semantic prediction of one image from a mask-classification model's last-stage outputs.
+) -> torch.Tensor:
+    """The reference's semantic scores ``(K, H_in, W_in)`` (float32, CPU) of one image from a mask-classification
+    model's last-stage outputs (``Mask2FormerHead.predict`` + the crop of ``postprocess_result``).
 
     Args:
         class_logits: ``(Q, K + 1)`` class logits of the queries (last = no-object).
         mask_logits: ``(Q, h, w)`` mask logits (Mask2Former: 1/4 of the padded input).
         padded_size: ``(H_pad, W_pad)`` of the network input (the image padded to a multiple of 32).
         input_size: ``(H_in, W_in)`` of the image inside that input (before the padding).
-        output_size: ``(H, W)`` to resize the scores to (bilinear, ``align_corners=False``) before the arg-max, the
-            original image size; default ``input_size``.
-        return_scores: also return the ``(K, H, W)`` float32 scores (on the CPU).
+    """
+    return _materialise(_MaskClassificationField(class_logits, mask_logits, padded_size, *input_size, band_bytes),
+                        band_bytes)
+
+
+def mask_classification_label_map(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    input_size: tuple[int, int],
+    output_size: tuple[int, int] | None = None,
+    *,
+    return_scores: bool = False,
+    band_bytes: int = DEFAULT_BAND_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference's semantic prediction of one image: the scores of :func:`mask_classification_scores` resized
+    bilinearly (``align_corners=False``) to ``output_size`` (the original image size; default ``input_size``), then
+    the arg-max, band by band.
 
     Returns:
-        ``(label_map, scores)``: the ``(H, W)`` int64 arg-max and the scores (``None`` unless ``return_scores``).
+        ``(label_map, scores)``: the ``(H, W)`` int64 arg-max and, with ``return_scores``, the ``(K, H, W)`` float32
+        scores at ``output_size`` (else ``None``).
     """
     field: _Field = _MaskClassificationField(class_logits, mask_logits, padded_size, *input_size, band_bytes)
     height, width = output_size if output_size is not None else input_size
