@@ -27,6 +27,7 @@ from offseg_hf.inference.segment import SegmentationProtocol, segment_image
 from offseg_hf.models import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
 NUM_LABELS = 5
 # keep-ratio resize to short side 80 / long side <= 128: a 75x100 image becomes 80x107 (mmcv rounding; transformers
 # would truncate to 106), padded to 96x128
@@ -88,6 +89,32 @@ def load(folder):
     from offseg_hf.inference.predict import load_model
 
     return load_model(str(folder), device="cpu")
+
+
+@pytest.mark.parametrize("name", ["mask2former-swin-offset-small", "mask2former-swin-small"])
+def test_scores_reproduce_the_reference_seg_logits(name):
+    """The official head's own ``predict`` output (golden ``seg_logits``) from its last-stage class scores and masks."""
+    from safetensors.torch import load_file
+
+    from offseg_hf.inference.segment import mask_classification_scores
+
+    io = load_file(FIXTURES / f"{name}_io.safetensors")
+    processor = build_image_processor("ade20k", model_type="mask2former_offset")
+    for prefix in ("b2_128x128.", "b1_96x160."):
+        size = tuple(io[f"{prefix}pixel_values"].shape[-2:])
+        classes, masks = io[f"{prefix}decoder.cls_scores.3"], io[f"{prefix}decoder.mask_preds.3"]
+        reference = io[f"{prefix}seg_logits"]
+        for index in range(len(reference)):
+            scores = mask_classification_scores(classes[index], masks[index], size, size)
+            torch.testing.assert_close(scores, reference[index], atol=1e-5, rtol=0)
+
+        class Outputs:  # what the model returns, for the image processor's post-processing
+            class_queries_logits, masks_queries_logits = classes, masks
+
+        maps = processor.post_process_semantic_segmentation(Outputs(), target_sizes=[size] * len(reference),
+                                                            input_sizes=[size] * len(reference))
+        for label_map, scores in zip(maps, reference):
+            assert torch.equal(label_map, scores.argmax(0)), prefix
 
 
 def test_whole_mode_is_the_reference_predict(folder, image):
