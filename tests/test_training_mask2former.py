@@ -166,6 +166,39 @@ def test_train_resume_evaluate_predict(tmp_path):
     assert (tmp_path / "predictions" / "val_000_labels.png").is_file()
 
 
+@pytest.mark.slow
+def test_two_cpu_processes(tiny_folder, tmp_path):
+    """torchrun with two CPU processes (gloo): DDP finds a gradient for every trainable parameter (SwinBackbone's unused
+    LayerNorm is frozen), and the distributed evaluation equals `offseg evaluate`'s of the saved model."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "offseg_hf", "train", "--model", tiny_folder, "--dataset", "synthetic", "--output-dir",
+               str(output), "--max-steps", "2", "--save-steps", "2", "--eval-steps", "2", "--global-batch-size", "4",
+               "--num-labels", "4", "--image-size", "64", "--crop-size", "64", "--train-scale", "64", "64",
+               "--train-samples", "8", "--eval-samples", "3", "--eval-batch-size", "1", "--num-workers", "0", "--use-cpu"]
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads((output / "run_info.json").read_text())
+    assert (info["world_size"], info["per_device_train_batch_size"], info["global_batch_size"]) == (2, 2, 4), info
+    assert "BatchNorm" not in result.stderr  # nothing to synchronise: no BatchNorm in Mask2Former
+
+    from offseg_hf.data.loading import load_segmentation_dataset
+    from offseg_hf.evaluation.evaluate import evaluate_model, protocol_for
+    from offseg_hf.inference.predict import load_model
+
+    model, processor = load_model(str(output), device="cpu")
+    data = load_segmentation_dataset("synthetic", "validation", num_labels=4, num_samples=3, image_size=64, seed=0)
+    single = evaluate_model(model, processor, data, 4, protocol=protocol_for("synthetic", 64), progress=False)
+    final = json.loads((output / "eval_results.json").read_text())
+    assert single["num_images"] == 3 and single["mIoU"] == pytest.approx(final["eval_mIoU"], abs=1e-6)
+
+
 def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

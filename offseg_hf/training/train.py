@@ -955,8 +955,8 @@ def maybe_sync_batch_norm(model: nn.Module, num_processes: int, device_type: str
     PyTorch's SyncBatchNorm needs an accelerator; on CPU (gloo) the model keeps per-process BatchNorm
     and a warning says so.
     """
-    if num_processes <= 1:
-        return model
+    if num_processes <= 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model  # (Mask2Former has GroupNorm and LayerNorm only)
     if device_type == "cpu":
         logger.warning("several CPU processes: SyncBatchNorm needs an accelerator, keeping per-process BatchNorm")
         return model
