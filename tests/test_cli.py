@@ -117,7 +117,7 @@ def test_train_help_defaults_are_the_resolved_ones():
 @pytest.mark.parametrize("argv, expected", [
     (["train", "--dataset", "synthetic", "--model", "offseg-xl"],
      "unknown model 'offseg-xl': choose a preset (offseg-b, offseg-l, offseg-t, segnext-b, segnext-l, segnext-s, segnext-t, "
-     "segnext-b-offset, segnext-l-offset, segnext-s-offset, segnext-t-offset), an existing model folder, or a Hub id"),
+     "segnext-b-offset, segnext-l-offset, segnext-s-offset, segnext-t-offset, mask2former-swin-t, mask2former-swin-t-offset), an existing model folder, or a Hub id"),
     (["evaluate", "--dataset", "synthetic", "--model", "offseg-xl"], "model folder not found"),
     (["predict", "README.md", "--model", "offseg-xl", "--out", "/tmp/x"], "model folder not found"),
 ])

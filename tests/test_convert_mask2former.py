@@ -342,29 +342,28 @@ def test_detectron2_mask2former_layout_is_named(tmp_path):
 @pytest.mark.parametrize("dataset", ["ade20k", "cityscapes", "coco-stuff", "pascal-context"])
 def test_processor_is_the_reference_test_pipeline(dataset):
     """The Mask2Former folders' processor resizes and normalises exactly as OffSeg's (tested against mmcv and the
-    reference normalisation in test_image_processing.py), with no stretch to a multiple of 32, and turns a label map
-    into per-class binary masks (reduced labels, 255 ignored) for training."""
+    reference normalisation in test_image_processing.py) for an image already at the protocol's short side, then
+    zero-pads bottom / right to a multiple of 32 (``SegDataPreProcessor(size_divisor=32)``), and reduces labels as
+    the dataset needs."""
     import numpy as np
     from PIL import Image
 
     from offseg_hf.data.registry import get_dataset_info
-    from offseg_hf.inference.image_processing_offseg import build_image_processor, build_mask2former_image_processor
+    from offseg_hf.inference.image_processing_offseg import Mask2FormerSemanticImageProcessor, build_image_processor
+    from offseg_hf.inference.segment import get_protocol
 
+    short = min(get_protocol(dataset).scale)
     rng = np.random.default_rng(0)
-    image = Image.fromarray((rng.random((300, 400, 3)) * 255).astype(np.uint8))
-    processor = build_mask2former_image_processor(dataset)
-    ours = processor(image, return_tensors="pt")
-    torch.testing.assert_close(ours["pixel_values"], build_image_processor(dataset)(image, return_tensors="pt")["pixel_values"],
-                               rtol=0, atol=0)
-    info = get_dataset_info(dataset)
-    assert processor.num_labels == info.num_labels and processor.do_reduce_labels == info.reduce_labels
-    labels = np.zeros((300, 400), np.uint8)
-    labels[:, 200:] = 3
-    labels[:10] = 255 if not info.reduce_labels else 0  # ignored either way
-    encoded = processor(image, segmentation_maps=Image.fromarray(labels), return_tensors="pt")
-    expected_classes = [2] if info.reduce_labels else [0, 3]
-    assert encoded["class_labels"][0].tolist() == expected_classes
-    assert encoded["mask_labels"][0].shape == (len(expected_classes), *ours["pixel_values"].shape[-2:])
+    image = Image.fromarray((rng.random((short, short + 13, 3)) * 255).astype(np.uint8))
+    processor = build_image_processor(dataset, model_type="mask2former_offset")
+    assert type(processor) is Mask2FormerSemanticImageProcessor
+    ours = processor(image, return_tensors="pt")["pixel_values"]
+    offseg = build_image_processor(dataset)(image, return_tensors="pt")["pixel_values"]
+    height, width = offseg.shape[-2:]
+    assert ours.shape[-2:] == (-(-height // 32) * 32, -(-width // 32) * 32)
+    torch.testing.assert_close(ours[..., :height, :width], offseg, rtol=0, atol=0)
+    assert not ours[..., height:, :].any() and not ours[..., width:].any()
+    assert processor.do_reduce_labels == get_dataset_info(dataset).reduce_labels
 
 
 def test_transformers_semantic_post_processing_differs_from_the_reference(golden_run):

@@ -73,7 +73,7 @@ from offseg_hf.conversion.segnext import (
 )
 from offseg_hf.data.registry import DATASET_NAMES, get_dataset_info, identify_dataset
 from offseg_hf.data.tables import DatasetInfo
-from offseg_hf.inference.image_processing_offseg import build_image_processor, build_mask2former_image_processor
+from offseg_hf.inference.image_processing_offseg import build_image_processor
 from offseg_hf.models.configuration_offseg import EfficientFormerV2Config, OffSegConfig
 from offseg_hf.models.modeling_efficientformer_v2 import EfficientFormerV2Backbone
 from offseg_hf.models.modeling_offseg import OffSegForSemanticSegmentation
@@ -492,7 +492,7 @@ def _build_mask2former(state_dict: Mapping[str, torch.Tensor], meta: Mapping, da
     )
     card = lambda **facts: render_mask2former_card(config, info.name, **facts)  # noqa: E731
     return _Converted(model_class_for(config)(config), weights, info, preset, description, dropped,
-                      processor=build_mask2former_image_processor(info.name), card=card)
+                      processor=build_image_processor(info.name, model_type=config.model_type), card=card)
 
 
 def convert_checkpoint(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, **options) -> ConversionResult:

@@ -15,7 +15,7 @@ import torch
 
 from offseg_hf.data.transforms import sample_seed, seeded, to_tv_tensors
 
-__all__ = ["ExampleTransform", "SegmentationCollator", "attach_transform", "collate_segmentation"]
+__all__ = ["ExampleTransform", "SegmentationCollator", "attach_transform", "collate_segmentation", "semantic_to_mask_targets"]
 
 
 class ExampleTransform:
@@ -141,3 +141,26 @@ class SegmentationCollator:
                         f"(ignore index {self.ignore_index}); does the dataset match the model's num_labels?"
                     )
         return batch
+
+
+def semantic_to_mask_targets(
+    labels: torch.Tensor, ignore_index: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Label maps → the targets of a mask-classification loss (Mask2Former), as the reference's
+    ``_seg_data_to_instance_data``: per image one binary mask per class present and its class index.
+
+    Args:
+        labels: ``(B, H, W)`` int64 label maps; ``ignore_index`` pixels (and negative padding) belong to no mask.
+        ignore_index: the ignored label value.
+
+    Returns:
+        ``(mask_labels, class_labels)``: per image a ``(N, H, W)`` float32 tensor of masks and the ``(N,)`` int64
+        classes, in increasing class order; ``N = 0`` for an image with no labelled pixel.
+    """
+    mask_labels, class_labels = [], []
+    for label in labels:
+        classes = torch.unique(label)
+        classes = classes[(classes != ignore_index) & (classes >= 0)]
+        mask_labels.append((label[None] == classes[:, None, None]).float())
+        class_labels.append(classes)
+    return mask_labels, class_labels

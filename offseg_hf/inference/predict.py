@@ -75,7 +75,12 @@ def load_model(path: str, device: str = "auto", fold_batch_norm: bool = True, co
         ModelLoadError: naming the folder and the files looked for.
     """
     import torch
-    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForSemanticSegmentation,
+        AutoModelForUniversalSegmentation,
+    )
 
     import offseg_hf.models  # noqa: F401  (registers the models with the Auto classes)
     from offseg_hf.inference.image_processing_offseg import build_image_processor  # (and registers old OffSeg processors)
@@ -94,7 +99,10 @@ def load_model(path: str, device: str = "auto", fold_batch_norm: bool = True, co
         raise ModelLoadError(f"model folder not found: {folder.resolve()} (looked for {folder.resolve() / 'config.json'})")
 
     try:
-        model = AutoModelForSemanticSegmentation.from_pretrained(source)
+        # transformers' plain Mask2Former is a universal-segmentation model; every other model type of ours is semantic
+        config = AutoConfig.from_pretrained(source)
+        auto_class = AutoModelForUniversalSegmentation if config.model_type == "mask2former" else AutoModelForSemanticSegmentation
+        model = auto_class.from_pretrained(source, config=config)
     except (OSError, ValueError, KeyError) as error:
         where = (
             f"folder {folder} (config.json and model.safetensors / pytorch_model.bin)"
@@ -103,7 +111,7 @@ def load_model(path: str, device: str = "auto", fold_batch_norm: bool = True, co
         )
         raise ModelLoadError(f"cannot load a segmentation model from {where}: {error}") from error
     if folder.is_dir() and not (folder / "preprocessor_config.json").is_file():
-        processor = build_image_processor()
+        processor = build_image_processor(model_type=model.config.model_type)
     else:
         try:
             processor = AutoImageProcessor.from_pretrained(source)

@@ -14,6 +14,15 @@ OffSeg is evaluated with mmsegmentation's test pipeline. For one image of size `
 3. **Back to the image size.** Bilinear (``align_corners=False``) resize of the logits to ``(H, W)``, then the
    arg-max over classes.
 
+**Mask2Former** (``model_type`` ``mask2former`` / ``mask2former_offset``, with or without offset learning) predicts
+masks and their classes, not per-pixel logits. Its map in step 2 is the reference's ``Mask2FormerHead.predict``
+(:func:`mask_classification_scores`): the network input is zero-padded at the bottom / right to a multiple of 32
+(the reference's ``SegDataPreProcessor``), the last stage's mask logits are resized bilinearly to that padded size,
+``softmax(class logits)`` without the no-object class times ``sigmoid(masks)`` is summed over the queries, and the
+padding is cropped away. In ``slide`` mode every window is such an input of its own (the reference's
+``slide_inference`` would resize each window's masks to the padded size of the whole image, a shape that does not
+fit its window, so it has no usable sliding-window mode for Mask2Former).
+
 With test-time augmentation (``tta=True``) steps 1–3 run for every scale ratio ``(0.5, 0.75, 1.0, 1.25,
 1.5, 1.75)`` with and without a horizontal flip (the flipped logits are flipped back), and the **softmax
 probabilities** of the 12 passes are averaged before the arg-max, as mmsegmentation's ``SegTTAModel`` does.
@@ -56,10 +65,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 __all__ = [
+    "MASK_CLASSIFICATION_MODEL_TYPES",
+    "MASK_CLASSIFICATION_SIZE_DIVISOR",
     "PROTOCOLS",
     "SegmentationProtocol",
     "SegmentationResult",
     "get_protocol",
+    "is_mask_classification",
+    "mask_classification_label_map",
+    "mask_classification_scores",
+    "pad_to_multiple",
     "rescale_size",
     "resize_rows",
     "scaled_sizes",
@@ -71,6 +86,13 @@ __all__ = [
 
 DEFAULT_BAND_BYTES = 32 * 2**20
 """Default size of one ``(K, rows, width)`` float32 band evaluated at a time (32 MiB)."""
+
+MASK_CLASSIFICATION_MODEL_TYPES = ("mask2former", "mask2former_offset")
+"""``model_type`` of the mask-classification models (their semantic map is the reference's Mask2Former ``predict``)."""
+
+MASK_CLASSIFICATION_SIZE_DIVISOR = 32
+"""The reference pads Mask2Former's test inputs (after normalisation, with 0, bottom / right) to a multiple of this
+(``SegDataPreProcessor(test_cfg=dict(size_divisor=32))``)."""
 
 PROTOCOLS: dict[str, SegmentationProtocol] = {
     name: spec.protocol for name, spec in DATASETS.items() if spec.protocol is not None
@@ -219,6 +241,11 @@ class _Field:
     height: int
     width: int
 
+    @property
+    def device(self) -> torch.device:
+        """Where its rows are computed (the network's device)."""
+        return self.source.device
+
     def rows(self, start: int, stop: int) -> torch.Tensor:  # pragma: no cover - interface
         """Rows ``start..stop-1``: a ``(num_channels, stop - start, width)`` tensor (may be a view: do not modify)."""
         raise NotImplementedError
@@ -230,6 +257,10 @@ class _TensorField(_Field):
     def __init__(self, values: torch.Tensor):
         self.values = values
         self.num_channels, self.height, self.width = values.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.values[:, start:stop]
@@ -273,23 +304,16 @@ class _FlippedField(_Field):
 
 
 class _SlideField(_Field):
-    """Average of overlapping window logits, each upsampled to its window (mmsegmentation ``slide_inference``)."""
+    """Average of overlapping windows' maps, each at its window's size (mmsegmentation ``slide_inference``)."""
 
-    def __init__(
-        self,
-        boxes: list[tuple[int, int, int, int]],
-        window_logits: list[torch.Tensor],
-        height: int,
-        width: int,
-        band_bytes: int = DEFAULT_BAND_BYTES,
-    ):
+    def __init__(self, boxes: list[tuple[int, int, int, int]], window_fields: list[_Field], height: int, width: int):
         self.height, self.width = height, width
-        self.num_channels = window_logits[0].shape[0]
-        self.device = window_logits[0].device
-        self.windows = [
-            (top, bottom, left, right, _ResizedField(_TensorField(logits), bottom - top, right - left, band_bytes))
-            for (top, bottom, left, right), logits in zip(boxes, window_logits)
-        ]
+        self.num_channels = window_fields[0].num_channels
+        self.windows = [(*box, field) for box, field in zip(boxes, window_fields)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.windows[0][-1].device
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         total = torch.zeros((self.num_channels, stop - start, self.width), dtype=torch.float32, device=self.device)
@@ -312,12 +336,110 @@ class _MeanSoftmaxField(_Field):
         self.fields = fields
         self.num_channels, self.height, self.width = fields[0].num_channels, fields[0].height, fields[0].width
 
+    @property
+    def device(self) -> torch.device:
+        return self.fields[0].device
+
     def rows(self, start: int, stop: int) -> torch.Tensor:
         total = None
         for field in self.fields:
             probabilities = field.rows(start, stop).softmax(dim=0)
             total = probabilities if total is None else total.add_(probabilities)
         return total.div_(len(self.fields))
+
+
+class _MaskClassificationField(_Field):
+    """Semantic scores of a mask-classification model (Mask2Former), as the reference's ``Mask2FormerHead.predict``.
+
+    ``scores[k] = Σ_q softmax(class_logits[q])[k] · sigmoid(masks[q])``: the softmax runs over all K + 1 classes and
+    the no-object class is then dropped (no renormalisation); the ``(Q, h, w)`` mask logits are resized bilinearly
+    (``align_corners=False``) to the padded network input ``padded_size`` *before* the sigmoid and the product,
+    and the result is cropped to the unpadded input ``(height, width)`` (``EncoderDecoder.postprocess_result``).
+    Rows are computed on demand, so the ``(Q, H, W)`` resized masks never exist at once.
+    """
+
+    def __init__(
+        self,
+        class_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        padded_size: tuple[int, int],
+        height: int,
+        width: int,
+        band_bytes: int = DEFAULT_BAND_BYTES,
+    ):
+        padded_height, padded_width = int(padded_size[0]), int(padded_size[1])
+        if height > padded_height or width > padded_width:
+            raise ValueError(f"input size {(height, width)} is larger than the padded size {(padded_height, padded_width)}")
+        self.class_probabilities = class_logits.float().softmax(dim=-1)[:, :-1]  # (Q, K), no-object dropped
+        self.masks = mask_logits.float()  # (Q, h, w)
+        self.padded_size = (padded_height, padded_width)
+        self.num_channels, self.height, self.width = self.class_probabilities.shape[1], height, width
+        num_queries = self.masks.shape[0]
+        self.chunk_rows = max(1, band_bytes // (4 * max(num_queries, self.num_channels) * padded_width))
+
+    @property
+    def device(self) -> torch.device:
+        return self.masks.device
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        chunks = []
+        for first in range(start, stop, self.chunk_rows):
+            last = min(stop, first + self.chunk_rows)
+            masks = resize_rows(self.masks, 0, self.masks.shape[1], self.padded_size, first, last)[..., : self.width]
+            chunks.append(torch.einsum("qk,qhw->khw", self.class_probabilities, masks.sigmoid()))
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
+
+def mask_classification_scores(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    input_size: tuple[int, int],
+    *,
+    band_bytes: int = DEFAULT_BAND_BYTES,
+) -> torch.Tensor:
+    """The reference's semantic scores ``(K, H_in, W_in)`` (float32, CPU) of one image from a mask-classification
+    model's last-stage outputs (``Mask2FormerHead.predict`` + the crop of ``postprocess_result``).
+
+    Args:
+        class_logits: ``(Q, K + 1)`` class logits of the queries (last = no-object).
+        mask_logits: ``(Q, h, w)`` mask logits (Mask2Former: 1/4 of the padded input).
+        padded_size: ``(H_pad, W_pad)`` of the network input (the image padded to a multiple of 32).
+        input_size: ``(H_in, W_in)`` of the image inside that input (before the padding).
+    """
+    return _materialise(_MaskClassificationField(class_logits, mask_logits, padded_size, *input_size, band_bytes),
+                        band_bytes)
+
+
+def mask_classification_label_map(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    input_size: tuple[int, int],
+    output_size: tuple[int, int] | None = None,
+    *,
+    return_scores: bool = False,
+    band_bytes: int = DEFAULT_BAND_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference's semantic prediction of one image: the scores of :func:`mask_classification_scores` resized
+    bilinearly (``align_corners=False``) to ``output_size`` (the original image size; default ``input_size``), then
+    the arg-max, band by band.
+
+    Returns:
+        ``(label_map, scores)``: the ``(H, W)`` int64 arg-max and, with ``return_scores``, the ``(K, H, W)`` float32
+        scores at ``output_size`` (else ``None``).
+    """
+    field: _Field = _MaskClassificationField(class_logits, mask_logits, padded_size, *input_size, band_bytes)
+    height, width = output_size if output_size is not None else input_size
+    label_map = _argmax_resized(field, int(height), int(width), band_bytes)
+    scores = _materialise(_ResizedField(field, int(height), int(width), band_bytes), band_bytes) if return_scores else None
+    return label_map, scores
+
+
+def is_mask_classification(model) -> bool:
+    """Whether ``model`` predicts masks and their classes (Mask2Former, with or without offset learning) rather than
+    per-pixel logits; :func:`segment_image` then runs the reference's Mask2Former ``predict``."""
+    return getattr(getattr(model, "config", None), "model_type", None) in MASK_CLASSIFICATION_MODEL_TYPES
 
 
 def _materialise(field: _Field, band_bytes: int) -> torch.Tensor:
@@ -419,7 +541,7 @@ def _argmax_resized(source: _Field, height: int, width: int, band_bytes: int) ->
         return label_map
 
     dense = _ResizedField(source, height, width, band_bytes)
-    col_taps = tuple(t.to(_field_device(source)) for t in _linear_taps(source.width, width, 0, width))
+    col_taps = tuple(t.to(source.device) for t in _linear_taps(source.width, width, 0, width))
     source_rows = max(3, band_bytes // (4 * num_labels * source.width))
     rows = max(1, min(band_bytes // (4 * width * 16), int((source_rows - 2) * height / source.height)))
     for start in range(0, height, rows):
@@ -439,12 +561,6 @@ def _argmax_resized(source: _Field, height: int, width: int, band_bytes: int) ->
             )
         label_map[start:stop] = labels.cpu()
     return label_map
-
-
-def _field_device(field: _Field) -> torch.device:
-    while not isinstance(field, (_TensorField, _SlideField)):
-        field = field.fields[0] if isinstance(field, _MeanSoftmaxField) else field.source
-    return field.values.device if isinstance(field, _TensorField) else field.device
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -517,6 +633,7 @@ def _normalised(processor, image: torch.Tensor, size: tuple[int, int], device, d
         images=image,
         do_resize=resize,
         size={"height": size[0], "width": size[1]},
+        do_pad=False,  # a mask-classification processor's own padding: the protocol pads (and crops) itself
         input_data_format="channels_first",
         return_tensors="pt",
     )["pixel_values"]
@@ -547,23 +664,47 @@ def _logits(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-def _whole_field(model, pixel_values: torch.Tensor, band_bytes: int) -> _Field:
-    """Whole-image logits upsampled to the network input size (``decode_head.predict``)."""
+def _network_fields(model, pixel_values: torch.Tensor, size_divisor: int, band_bytes: int) -> list[_Field]:
+    """One map per image of the batch ``pixel_values (B, 3, h, w)``, at ``(h, w)``: the logits upsampled to the
+    network input (``decode_head.predict``), or for a mask-classification model the reference's semantic scores of
+    the input zero-padded to a multiple of ``size_divisor`` and cropped back (``Mask2FormerHead.predict``)."""
     height, width = pixel_values.shape[-2:]
-    return _ResizedField(_TensorField(_logits(model, pixel_values)[0]), height, width, band_bytes)
+    if not is_mask_classification(model):
+        return [_ResizedField(_TensorField(logits), height, width, band_bytes) for logits in _logits(model, pixel_values)]
+    padded = pad_to_multiple(pixel_values, size_divisor)
+    outputs = model(pixel_values=padded)
+    return [
+        _MaskClassificationField(class_logits, mask_logits, padded.shape[-2:], height, width, band_bytes)
+        for class_logits, mask_logits in zip(outputs.class_queries_logits, outputs.masks_queries_logits)
+    ]
+
+
+def pad_to_multiple(pixel_values: torch.Tensor, size_divisor: int) -> torch.Tensor:
+    """``(B, C, h, w)`` zero-padded at the bottom / right to multiples of ``size_divisor`` (itself when they are)."""
+    height, width = pixel_values.shape[-2:]
+    pad_bottom, pad_right = -height % size_divisor, -width % size_divisor
+    if not (pad_bottom or pad_right):
+        return pixel_values
+    return F.pad(pixel_values, (0, pad_right, 0, pad_bottom))
+
+
+def _whole_field(model, pixel_values: torch.Tensor, size_divisor: int, band_bytes: int) -> _Field:
+    """Whole-image map at the network input size."""
+    return _network_fields(model, pixel_values, size_divisor, band_bytes)[0]
 
 
 def _slide_field(
-    model, pixel_values: torch.Tensor, protocol: SegmentationProtocol, batch_size: int, band_bytes: int
+    model, pixel_values: torch.Tensor, protocol: SegmentationProtocol, batch_size: int, size_divisor: int,
+    band_bytes: int,
 ) -> _Field:
-    """Sliding-window logits averaged at the network input size (``slide_inference``)."""
+    """Sliding-window maps averaged at the network input size (``slide_inference``); each window is one image."""
     height, width = pixel_values.shape[-2:]
     boxes = slide_windows(height, width, protocol.crop_size, protocol.stride)
-    window_logits: list[torch.Tensor] = []
+    window_fields: list[_Field] = []
     for first in range(0, len(boxes), batch_size):
         batch = torch.cat([pixel_values[..., t:b, l:r] for t, b, l, r in boxes[first : first + batch_size]])
-        window_logits.extend(_logits(model, batch).unbind(0))
-    return _SlideField(boxes, window_logits, height, width, band_bytes)
+        window_fields.extend(_network_fields(model, batch, size_divisor, band_bytes))
+    return _SlideField(boxes, window_fields, height, width)
 
 
 @torch.inference_mode()
@@ -587,7 +728,8 @@ def segment_image(
 
     Args:
         model: a semantic-segmentation model called as ``model(pixel_values=...)`` whose output has
-            ``logits (B, K, h, w)`` at any fixed fraction of the input size (OffSeg: a quarter). Put it in eval
+            ``logits (B, K, h, w)`` at any fixed fraction of the input size (OffSeg: a quarter), or a Mask2Former
+            (``class_queries_logits``, ``masks_queries_logits``; see the module docstring). Put it in eval
             mode first; it runs on its own device. Any other callable network works too (it gets CPU float32
             ``pixel_values`` and returns the logits as a tensor or NumPy array, or an output with ``logits``):
             :class:`offseg_hf.deploy.onnx_runtime.OnnxSegmenter` runs an exported ONNX file through this same
@@ -626,6 +768,7 @@ def segment_image(
     pixels = _as_chw_uint8(image)
     height, width = pixels.shape[-2:]
     device, dtype = _model_device_dtype(model)
+    size_divisor = getattr(processor, "size_divisor", None) or MASK_CLASSIFICATION_SIZE_DIVISOR
 
     sizes = scaled_sizes(height, width, protocol, ratios, ratio_base)
     fields: list[_Field] = []
@@ -634,9 +777,9 @@ def segment_image(
         for flipped in flips:
             inputs = pixel_values.flip(-1) if flipped else pixel_values
             if mode == "whole":
-                field = _whole_field(model, inputs, band_bytes)
+                field = _whole_field(model, inputs, size_divisor, band_bytes)
             else:
-                field = _slide_field(model, inputs, protocol, crop_batch_size, band_bytes)
+                field = _slide_field(model, inputs, protocol, crop_batch_size, size_divisor, band_bytes)
             fields.append(_FlippedField(field) if flipped else field)
 
     merge_size = _merge_size(height, width, sizes, merge_resolution)

@@ -6,8 +6,9 @@ offset learning, SegNeXt and its MSCAN backbone) import only each other, ``offse
 
 Importing this package (which ``import offseg_hf`` arranges as soon as transformers is imported, see
 :mod:`offseg_hf.auto_registration`) registers the models with the Auto classes, once, here: AutoConfig, AutoBackbone
-(EfficientFormerV2, MSCAN), AutoModel / AutoModelForSemanticSegmentation (OffSeg, SegFormer + offset learning,
-SegNeXt) and AutoModelForUniversalSegmentation (Mask2Former + offset learning), and names them in the tables the
+(EfficientFormerV2, MSCAN), AutoImageProcessor (the legacy OffSeg processor), AutoModel /
+AutoModelForSemanticSegmentation (OffSeg, SegFormer + offset learning, SegNeXt, Mask2Former + offset learning) and
+AutoModelForUniversalSegmentation (Mask2Former + offset learning), and names them in the tables the
 image-segmentation pipeline checks. The modeling files themselves register nothing,
 so that a saved folder loaded as remote code leaves the global Auto maps alone.
 """
@@ -69,6 +70,10 @@ def _register_auto_classes() -> None:
     )
     AutoModelForSemanticSegmentation.register(SegNextConfig, SegNextForSemanticSegmentation, exist_ok=True)
     AutoModelForUniversalSegmentation.register(
+        Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation, exist_ok=True
+    )
+    # also a semantic-segmentation model: what pipeline("image-segmentation") and `offseg predict` load
+    AutoModelForSemanticSegmentation.register(
         Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation, exist_ok=True
     )
     # The image-segmentation pipeline checks a model's class name against transformers' built-in name tables (a plain

@@ -104,13 +104,15 @@ class ModelArguments:
     """Which model to train."""
 
     model: str = _arg("offseg-t | offseg-b | offseg-l, segnext-t | -s | -b | -l (per-pixel) or segnext-t-offset … "
-                      "(offset learning), or a folder / Hub id user/name to fine-tune (default: offseg-t)", "offseg-t")
+                      "(offset learning), mask2former-swin-t | mask2former-swin-t-offset, or a folder / Hub id "
+                      "user/name to fine-tune (default: offseg-t)", "offseg-t")
     classifier: Literal["offset-learning", "per-pixel"] = _arg(
         "per-pixel: a 1×1 conv instead of offset learning (ablation, paper Table 6) (default: offset-learning)",
         "offset-learning")
     backbone_weights: str | None = _arg(
-        "EfficientFormerV2Backbone (OffSeg) or MscanBackbone (SegNeXt) folder / Hub id with ImageNet weights, e.g. "
-        "from `offseg convert` (default: none, random init)", None)
+        "EfficientFormerV2Backbone (OffSeg), MscanBackbone (SegNeXt) or Swin (Mask2Former; e.g. "
+        "microsoft/swin-tiny-patch4-window7-224) folder / Hub id with ImageNet weights (default: none, random init)",
+        None)
 
 
 @dataclass
@@ -249,6 +251,16 @@ class OffSegTrainingArguments(TrainingArguments):
 _FILLED_BY_RECIPE = ("max_steps", "per_device_eval_batch_size", "learning_rate", "warmup_steps", "eval_steps",
                      "save_steps", "logging_steps")
 _DEFAULTS_OF_ALL_RECIPES = {"learning_rate": 6e-5, "warmup_steps": 1500, "logging_steps": 50}
+
+MASK2FORMER_PRESETS = ("mask2former-swin-t", "mask2former-swin-t-offset")
+"""Mask2Former-Swin-T of the paper's Table 5, plain and with offset learning (``offseg train --model …``)."""
+
+# Mask2Former's own recipe (mmsegmentation's mask2former_swin-t_8xb2-160k_ade20k-512x512, which the offset-learning
+# config keeps): AdamW lr 1e-4 for the head, 0.1× for the Swin backbone, weight decay 0.05, no warm-up, poly 0.9,
+# gradient clipping at L2 norm 0.01. The synthetic dataset scales the learning rate by 10, as it does for OffSeg.
+_MASK2FORMER_RECIPE = {"learning_rate": 1e-5, "head_lr_mult": 10.0, "weight_decay": 0.05, "warmup_steps": 0,
+                       "poly_power": 0.9, "max_grad_norm": 0.01}
+_SYNTHETIC_LR_FACTOR = 10.0
 _ARGUMENT_CLASSES = (ModelArguments, DataArguments, OffSegTrainingArguments)
 
 
@@ -364,7 +376,8 @@ def resolve_config(overrides: dict[str, Any] | None = None, config_file: str | N
             given[key] = value
     merged = dict(given)
     merged["dataset"] = _canonical_dataset(merged.get("dataset", "synthetic"))
-    for key, value in {**_DEFAULTS_OF_ALL_RECIPES, **dataset_recipe(merged["dataset"])}.items():
+    model_recipe = _model_recipe(merged.get("model", "offseg-t"), merged["dataset"])
+    for key, value in {**_DEFAULTS_OF_ALL_RECIPES, **dataset_recipe(merged["dataset"]), **model_recipe}.items():
         merged.setdefault(key, list(value) if isinstance(value, tuple) else value)
     if "eval_steps" not in merged:
         merged["eval_steps"] = max(1, min(16_000, merged["max_steps"] // 10))
@@ -374,6 +387,29 @@ def resolve_config(overrides: dict[str, Any] | None = None, config_file: str | N
     _check_model_name(merged.get("model", "offseg-t"))
     model_args, data_args, training_args = parser.parse_dict(merged)
     return TrainConfig(model_args, data_args, training_args)
+
+
+def _is_mask2former(name: str) -> bool:
+    """``--model`` names a Mask2Former preset or a local folder of a Mask2Former model (read from its config.json)."""
+    from offseg_hf.inference.segment import MASK_CLASSIFICATION_MODEL_TYPES
+
+    if name.lower() in MASK2FORMER_PRESETS:
+        return True
+    config_file = Path(name).expanduser() / "config.json"
+    try:
+        return json.loads(config_file.read_text()).get("model_type") in MASK_CLASSIFICATION_MODEL_TYPES
+    except (OSError, ValueError):
+        return False
+
+
+def _model_recipe(name: str, dataset: str) -> dict[str, Any]:
+    """Recipe values of the model family that differ from OffSeg's (Mask2Former's; none for the others)."""
+    if not _is_mask2former(name):
+        return {}
+    recipe = dict(_MASK2FORMER_RECIPE)
+    if dataset == "synthetic":
+        recipe["learning_rate"] *= _SYNTHETIC_LR_FACTOR
+    return recipe
 
 
 def _align_save_and_eval_steps(merged: dict[str, Any], given: dict[str, Any]) -> None:
@@ -466,7 +502,8 @@ def _check_model_name(name: str) -> None:
     from offseg_hf.models.configuration_segnext import SEGNEXT_PRESETS
     from offseg_hf.inference.predict import HUB_ID
 
-    presets = sorted(OFFSEG_PRESETS) + sorted(SEGNEXT_PRESETS) + sorted(f"{key}-offset" for key in SEGNEXT_PRESETS)
+    presets = (sorted(OFFSEG_PRESETS) + sorted(SEGNEXT_PRESETS) + sorted(f"{key}-offset" for key in SEGNEXT_PRESETS)
+               + list(MASK2FORMER_PRESETS))
     if name.lower() in presets:
         return
     path = Path(name).expanduser()
@@ -495,13 +532,21 @@ def _canonical_dataset(name: str) -> str:
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
+# Mask2Former's embeddings without weight decay (the reference's custom keys query_embed, query_feat, level_embed of
+# the transformer decoder, and Swin's relative_position_bias_table); the pixel decoder's level embedding (mmdet's
+# level_encoding) keeps it, as in the reference.
+_NO_DECAY_EMBEDDINGS = ("transformer_module.queries_embedder.", "transformer_module.queries_features.",
+                        "transformer_module.level_embed.", "relative_position_bias_table")
+
+
 def is_head_parameter(name: str) -> bool:
     """``True`` for decoder / offset-learning parameters, ``False`` for the backbone's.
 
     The backbone is every parameter under a module named ``backbone`` (``offseg.backbone.*``, SegNeXt's
-    ``backbone.*``); SegNeXt's ``decode_head``, ``offset_learning`` and ``classifier`` are the head.
+    ``backbone.*``) and Mask2Former's Swin (``model.pixel_level_module.encoder.*``); SegNeXt's ``decode_head``,
+    ``offset_learning`` and ``classifier`` and Mask2Former's pixel decoder and transformer decoder are the head.
     """
-    return "backbone" not in name.split(".")
+    return "backbone" not in name.split(".") and "pixel_level_module.encoder." not in name
 
 
 def build_param_groups(
@@ -516,8 +561,8 @@ def build_param_groups(
     Four groups (empty ones dropped): ``backbone`` / ``backbone_no_decay`` at ``learning_rate`` and
     ``head`` / ``head_no_decay`` at ``learning_rate * head_lr_mult``; ``*_no_decay`` hold the
     parameters of normalisation layers (BatchNorm, SyncBatchNorm, GroupNorm, LayerNorm) with weight
-    decay 0 — and the class embeddings when ``no_decay_class_embeddings``. Each group carries its
-    ``name`` and ``param_names`` for inspection.
+    decay 0 — Mask2Former's query / level embeddings and Swin's relative position biases too, and the class
+    embeddings when ``no_decay_class_embeddings``. Each group carries its ``name`` and ``param_names`` for inspection.
     """
     norm_params: set[int] = set()
     for module in model.modules():
@@ -528,7 +573,8 @@ def build_param_groups(
         if not parameter.requires_grad:
             continue
         part = "head" if is_head_parameter(name) else "backbone"
-        no_decay = id(parameter) in norm_params or (no_decay_class_embeddings and name.endswith("class_embeddings"))
+        no_decay = (id(parameter) in norm_params or any(key in name for key in _NO_DECAY_EMBEDDINGS)
+                    or (no_decay_class_embeddings and name.endswith("class_embeddings")))
         key = f"{part}_no_decay" if no_decay else part
         if key not in groups:
             groups[key] = {
@@ -710,8 +756,75 @@ def _trainer_classes():
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
+        def _saves_renamed_weights(self) -> bool:
+            """Whether ``save_pretrained`` writes this model's weights under other names than it holds them
+            (transformers' conversion mappings: Mask2Former's Swin saves ``attention.self.query`` for ``q_proj`` …).
+            The Trainer reloads checkpoints with a plain ``load_state_dict``, which would then match nothing."""
+            if not hasattr(self, "_renamed_weights"):
+                from transformers.core_model_loading import revert_weight_conversion
+
+                state = dict(self.model.state_dict())
+                self._renamed_weights = set(revert_weight_conversion(self.model, dict(state))) != set(state)
+            return self._renamed_weights
+
+        def _load_saved_weights(self, folder: str, model: nn.Module) -> None:
+            """The weights of a checkpoint folder through ``from_pretrained`` (which applies the conversion mapping)."""
+            target = self.accelerator.unwrap_model(model)
+            loaded = type(target).from_pretrained(folder, config=target.config)
+            target.load_state_dict(loaded.state_dict())
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if not self._saves_renamed_weights():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            self._load_saved_weights(resume_from_checkpoint, model if model is not None else self.model)
+
+        def _load_best_model(self):
+            if not self._saves_renamed_weights():
+                return super()._load_best_model()
+            logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
+            self._load_saved_weights(self.state.best_model_checkpoint, self.model)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from offseg_hf.inference.segment import is_mask_classification
+
+            if not is_mask_classification(self.model):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # Mask2Former: label maps → one binary mask + class per class present (reference _seg_data_to_instance_data)
+            from offseg_hf.data.pipeline import semantic_to_mask_targets
+
+            mask_labels, class_labels = semantic_to_mask_targets(inputs["labels"], self.model.config.ignore_value)
+            outputs = model(pixel_values=inputs["pixel_values"], mask_labels=mask_labels, class_labels=class_labels)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        def _mask_classification_prediction(self, model, inputs):
+            """Mask2Former's evaluation: the reference's semantic scores ``(B, K, h, w)`` at the input size (the input
+            zero-padded to a multiple of 32, as at test time, and cropped back); no loss (its targets would need the
+            label maps at the network's input geometry, which evaluation keeps at the original size)."""
+            from offseg_hf.inference.segment import (
+                MASK_CLASSIFICATION_SIZE_DIVISOR,
+                mask_classification_scores,
+                pad_to_multiple,
+            )
+
+            inputs = self._prepare_inputs(inputs)
+            pixel_values = inputs["pixel_values"]
+            padded = pad_to_multiple(pixel_values, MASK_CLASSIFICATION_SIZE_DIVISOR)
+            with torch.no_grad():
+                outputs = model(pixel_values=padded)
+                size = tuple(pixel_values.shape[-2:])
+                scores = torch.stack([
+                    mask_classification_scores(classes, masks, padded.shape[-2:], size)
+                    for classes, masks in zip(outputs.class_queries_logits, outputs.masks_queries_logits)
+                ]).to(pixel_values.device)
+            return None, scores, inputs.get("labels")
+
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            from offseg_hf.inference.segment import is_mask_classification
+
+            if is_mask_classification(self.model):
+                loss, logits, labels = self._mask_classification_prediction(model, inputs)
+            else:
+                loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             if labels is not None and self.accelerator.num_processes > 1:
                 from offseg_hf.evaluation.metrics import LABEL_PAD_VALUE
 
@@ -728,11 +841,14 @@ def build_model(config: ModelArguments | TrainConfig, id2label: dict[int, str]):
     ``segnext-t-offset`` … (offset learning; for SegNeXt the preset name chooses the classifier). A loaded
     model with a different number of classes gets a new classifier (``ignore_mismatched_sizes``).
     ``backbone_weights`` (a folder or Hub id of ``EfficientFormerV2Backbone`` weights for OffSeg, of
-    ``MscanBackbone`` weights for SegNeXt) initialises the backbone.
+    ``MscanBackbone`` weights for SegNeXt, of a Swin model for Mask2Former) initialises the backbone.
+    Mask2Former: ``mask2former-swin-t`` / ``mask2former-swin-t-offset`` (the preset name chooses offset learning), or
+    a folder of either (``model_type`` ``mask2former`` / ``mask2former_offset``).
     """
     from transformers import AutoConfig
 
     from offseg_hf import OffSegConfig, OffSegForSemanticSegmentation, SegNextConfig, SegNextForSemanticSegmentation
+    from offseg_hf.inference.segment import MASK_CLASSIFICATION_MODEL_TYPES, is_mask_classification
     from offseg_hf.models.configuration_offseg import OFFSEG_PRESETS
     from offseg_hf.models.configuration_segnext import SEGNEXT_PRESETS
 
@@ -749,8 +865,14 @@ def build_model(config: ModelArguments | TrainConfig, id2label: dict[int, str]):
             raise ValueError(f"--model {config.model} is SegNeXt with offset learning; use {name.removesuffix('-offset')} "
                              "for the per-pixel classifier")
         model = SegNextForSemanticSegmentation(SegNextConfig.from_preset(config.model, **labels))
-    elif AutoConfig.from_pretrained(config.model).model_type == SegNextConfig.model_type:
+    elif name in MASK2FORMER_PRESETS:
+        model = _mask2former_preset(name, config.classifier, labels)
+    elif (model_type := AutoConfig.from_pretrained(config.model).model_type) == SegNextConfig.model_type:
         model = SegNextForSemanticSegmentation.from_pretrained(config.model, ignore_mismatched_sizes=True, **labels)
+    elif model_type in MASK_CLASSIFICATION_MODEL_TYPES:
+        from transformers import AutoModelForUniversalSegmentation
+
+        model = AutoModelForUniversalSegmentation.from_pretrained(config.model, ignore_mismatched_sizes=True, **labels)
     else:
         model = OffSegForSemanticSegmentation.from_pretrained(config.model, ignore_mismatched_sizes=True, **labels)
         if model.config.classifier != classifier:
@@ -758,6 +880,11 @@ def build_model(config: ModelArguments | TrainConfig, id2label: dict[int, str]):
                 f"{config.model} uses the {model.config.classifier!r} classifier but --classifier asks for "
                 f"{config.classifier!r}; start from a preset (offseg-t/b/l) to train the other variant"
             )
+    if is_mask_classification(model):
+        _freeze_unused_swin_norm(model)
+        if config.backbone_weights:
+            _load_swin_backbone(model, config.backbone_weights)
+        return model
     is_segnext = isinstance(model, SegNextForSemanticSegmentation)
     if config.backbone_weights:
         from offseg_hf import EfficientFormerV2Backbone, MscanBackbone
@@ -774,14 +901,62 @@ def build_model(config: ModelArguments | TrainConfig, id2label: dict[int, str]):
     return model
 
 
+def _mask2former_preset(name: str, classifier: str, labels: dict[str, Any]):
+    """A randomly initialised Mask2Former-Swin-T of the reference configs (``mask2former_swin-t_8xb2-160k`` and its
+    offset-learning twin): Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7, drop path 0.3), 256 channels,
+    6 pixel-decoder layers, 9 decoder layers (transformers' ``decoder_layers`` = 10), 100 queries."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    from offseg_hf import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
+
+    offset = name.endswith("-offset")
+    if classifier == "per-pixel":
+        raise ValueError(f"--model {name} is Mask2Former, which classifies masks, not pixels: --classifier per-pixel "
+                         "does not apply (mask2former-swin-t is the model without offset learning)")
+    backbone = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0,
+                          qkv_bias=True, drop_path_rate=0.3, out_features=["stage1", "stage2", "stage3", "stage4"])
+    fields = {"backbone_config": backbone, "feature_size": 256, "mask_feature_size": 256, "hidden_dim": 256,
+              "encoder_layers": 6, "encoder_feedforward_dim": 1024, "decoder_layers": 10, "dim_feedforward": 2048,
+              "num_attention_heads": 8, "num_queries": 100, **labels}
+    if offset:
+        return Mask2FormerOffsetForUniversalSegmentation(Mask2FormerOffsetConfig(**fields))
+    return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(**fields))
+
+
+def _freeze_unused_swin_norm(model) -> None:
+    """transformers' ``SwinBackbone`` keeps its ``SwinModel``'s final LayerNorm, which its forward never uses (it
+    normalises each stage with ``hidden_states_norms``): without a gradient it would stall DDP, so it is frozen."""
+    encoder = model.model.pixel_level_module.encoder
+    unused = getattr(getattr(encoder, "swin", None), "layernorm", None)
+    if isinstance(unused, nn.Module):
+        unused.requires_grad_(False)
+
+
+def _load_swin_backbone(model, source: str) -> None:
+    """Swin ImageNet weights (a ``SwinModel`` / ``SwinForImageClassification`` / ``SwinBackbone`` folder or Hub id of
+    the same size) into Mask2Former's backbone; the per-stage output norms, absent from classification checkpoints,
+    keep their fresh initialisation."""
+    from transformers import SwinBackbone
+
+    target = model.model.pixel_level_module.encoder
+    try:
+        backbone = SwinBackbone.from_pretrained(source, out_features=list(target.out_features))
+        missing, unexpected = target.load_state_dict(backbone.state_dict(), strict=False)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"--backbone-weights {source}: not Swin weights of the model's size ({error})") from error
+    if missing or unexpected:
+        raise ValueError(f"--backbone-weights {source}: Swin weights do not match (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+
+
 def maybe_sync_batch_norm(model: nn.Module, num_processes: int, device_type: str) -> nn.Module:
     """Convert BatchNorm to SyncBatchNorm when training on several accelerator processes.
 
     PyTorch's SyncBatchNorm needs an accelerator; on CPU (gloo) the model keeps per-process BatchNorm
     and a warning says so.
     """
-    if num_processes <= 1:
-        return model
+    if num_processes <= 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model  # (Mask2Former has GroupNorm and LayerNorm only)
     if device_type == "cpu":
         logger.warning("several CPU processes: SyncBatchNorm needs an accelerator, keeping per-process BatchNorm")
         return model
@@ -861,9 +1036,12 @@ def build_trainer(config: TrainConfig, quiet: bool = False):
     model = build_model(model_args, id2label)
     # the world size and device of the arguments' own device setup: what the Trainer will use
     model = maybe_sync_batch_norm(model, args.world_size, args.device.type)
-    ignore_index = model.config.semantic_loss_ignore_index  # labels, loss and metrics agree on it
+    # labels, loss and metrics agree on it (Mask2Former's config calls it ignore_value)
+    ignore_index = getattr(model.config, "semantic_loss_ignore_index", None)
+    ignore_index = model.config.ignore_value if ignore_index is None else ignore_index
     # the same processor as a converted folder of this dataset (keep-ratio test resize, normalisation, label reduction)
-    processor = build_image_processor(data.dataset, scale=test_scale or protocol_for(data.dataset, data.image_size).scale)
+    processor = build_image_processor(data.dataset, scale=test_scale or protocol_for(data.dataset, data.image_size).scale,
+                                      model_type=model.config.model_type)
     trainer_class, epoch_callback, time_budget, stop_on_interrupt = _trainer_classes()
     callbacks = [epoch_callback(train_transform), stop_on_interrupt()]
     if args.time_budget_s:
