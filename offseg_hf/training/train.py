@@ -903,24 +903,17 @@ def build_model(config: ModelArguments | TrainConfig, id2label: dict[int, str]):
 
 def _mask2former_preset(name: str, classifier: str, labels: dict[str, Any]):
     """A randomly initialised Mask2Former-Swin-T of the reference configs (``mask2former_swin-t_8xb2-160k`` and its
-    offset-learning twin): Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7, drop path 0.3), 256 channels,
-    6 pixel-decoder layers, 9 decoder layers (transformers' ``decoder_layers`` = 10), 100 queries."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    offset-learning twin; :func:`offseg_hf.models.mask2former_swin_config`)."""
+    from transformers import Mask2FormerForUniversalSegmentation
 
-    from offseg_hf import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation
+    from offseg_hf import Mask2FormerOffsetForUniversalSegmentation, mask2former_swin_config
 
     offset = name.endswith("-offset")
     if classifier == "per-pixel":
         raise ValueError(f"--model {name} is Mask2Former, which classifies masks, not pixels: --classifier per-pixel "
                          "does not apply (mask2former-swin-t is the model without offset learning)")
-    backbone = SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0,
-                          qkv_bias=True, drop_path_rate=0.3, out_features=["stage1", "stage2", "stage3", "stage4"])
-    fields = {"backbone_config": backbone, "feature_size": 256, "mask_feature_size": 256, "hidden_dim": 256,
-              "encoder_layers": 6, "encoder_feedforward_dim": 1024, "decoder_layers": 10, "dim_feedforward": 2048,
-              "num_attention_heads": 8, "num_queries": 100, **labels}
-    if offset:
-        return Mask2FormerOffsetForUniversalSegmentation(Mask2FormerOffsetConfig(**fields))
-    return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(**fields))
+    config = mask2former_swin_config("swin-t", offset_learning=offset, **labels)
+    return (Mask2FormerOffsetForUniversalSegmentation if offset else Mask2FormerForUniversalSegmentation)(config)
 
 
 def _freeze_unused_swin_norm(model) -> None:
