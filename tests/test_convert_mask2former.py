@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
 from offseg_hf.cli import main
 from offseg_hf.conversion.accounting import ConversionError
@@ -29,6 +29,7 @@ from offseg_hf.conversion.mask2former import (
     model_class_for,
 )
 from offseg_hf.models.modeling_mask2former_offset import Mask2FormerOffsetForUniversalSegmentation, mask2former_swin_config
+from offseg_hf.inference.image_processing_offseg import Mask2FormerSemanticImageProcessor
 
 pytestmark = pytest.mark.torch_threads(1)
 
@@ -243,8 +244,9 @@ def test_offseg_convert_writes_a_verified_folder_that_computes_the_reference(nam
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == ("mask2former_offset" if offset else "mask2former")
     assert config["id2label"]["0"] == "road" and config["id2label"]["18"] == "bicycle"
-    processor = Mask2FormerImageProcessor.from_pretrained(folder)
-    assert (processor.size_divisor, processor.do_reduce_labels, processor.ignore_index) == (0, False, 255)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    assert type(processor) is Mask2FormerSemanticImageProcessor  # the reference's padding and semantic prediction
+    assert (processor.do_pad, processor.size_divisor, processor.do_reduce_labels) == (True, 32, False)
     assert dict(processor.size) == {"shortest_edge": 1024, "longest_edge": 2048}  # Cityscapes' test resize
     card = (folder / "README.md").read_text()
     assert ("with offset learning" in card) == offset and f"`{name}.pth`" in card and "2,8" in card
@@ -384,3 +386,62 @@ def test_transformers_semantic_post_processing_differs_from_the_reference(golden
         assert (difference > 0.05) if differs else (difference < 1e-4), f"{name} {prefix}: {difference:.3g}"
         labels = torch.stack([item.segmentation for item in theirs])
         assert torch.equal(labels, golden[prefix + "seg_logits"].argmax(1))
+
+
+FRESH_PROCESS = r"""
+import json, sys
+import numpy as np
+from PIL import Image
+import offseg_hf  # nothing else: the Auto classes, the pipeline and the processor must know the folder now
+from transformers import pipeline
+
+folder, image_path, out = sys.argv[1:4]
+segmenter = pipeline("image-segmentation", model=folder)
+image = Image.open(image_path)
+label_map = np.full((image.height, image.width), -1, dtype=np.int64)
+for segment in segmenter(image):
+    label_map[np.array(segment["mask"]) > 0] = segmenter.model.config.label2id[segment["label"]]
+np.save(f"{out}/pipeline.npy", label_map)
+from offseg_hf.cli import main
+predicted = main(["predict", image_path, "--model", folder, "--out", f"{out}/predictions", "--quiet"])
+evaluated = main(["evaluate", "--model", folder, "--dataset", "synthetic", "--num-labels", "19", "--eval-samples", "2",
+                  "--image-size", "64", "--output-dir", f"{out}/evaluation", "--quiet"])
+print("RESULT", json.dumps([type(segmenter.model).__module__, type(segmenter.image_processor).__name__, predicted, evaluated]))
+"""
+
+
+def test_converted_folder_predicts_evaluates_and_segments_after_a_bare_import(official_checkpoints, tmp_path):
+    """The acceptance path of a new user, in a fresh interpreter with stdin closed: `offseg convert` of an
+    official-layout file, then ``import offseg_hf`` alone, then ``pipeline("image-segmentation")``, ``offseg predict``
+    and ``offseg evaluate --dataset synthetic`` on the folder: no remote code, and the pipeline's label map is the
+    one ``offseg predict`` writes (both the reference's semantic prediction)."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from offseg_hf.inference.predict import label_map_from_png
+
+    folder = tmp_path / "m2f-offset"
+    assert main(["convert", str(official_checkpoints["mask2former-swin-offset-small"]), str(folder), "--quiet"]) == 0
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (72, 100, 3), dtype=np.uint8)).save(image_path)
+    repo = Path(__file__).resolve().parent.parent
+    completed = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(folder), str(image_path), str(tmp_path)], capture_output=True,
+        text=True, timeout=600, stdin=subprocess.DEVNULL, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"},
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-3000:]
+    assert "trust_remote_code" not in output and "is not supported for" not in output, output[-3000:]
+    module, processor, predicted, evaluated = json.loads(output.split("RESULT ", 1)[1].splitlines()[0])
+    assert module == "offseg_hf.models.modeling_mask2former_offset" and processor == "Mask2FormerSemanticImageProcessor"
+    assert (predicted, evaluated) == (0, 0)
+    pipeline_map = np.load(tmp_path / "pipeline.npy")
+    assert (pipeline_map >= 0).all()
+    np.testing.assert_array_equal(pipeline_map, label_map_from_png(tmp_path / "predictions" / "scene_labels.png"))
+    results = json.loads(next((tmp_path / "evaluation").glob("eval_*.json")).read_text())
+    assert 0.0 <= results["metrics"]["mIoU"] <= 1.0
