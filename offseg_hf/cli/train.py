@@ -6,8 +6,10 @@ every ``TrainingArguments`` field is an option (``--bf16``, ``--push-to-hub --hu
 ``--config FILE`` (JSON or YAML, keys = option names) sets several at once, and flags given on the command
 line win over the file. Defaults marked "recipe" depend on the dataset (ADE20K / COCO-Stuff / Cityscapes /
 Pascal Context as in the paper; synthetic: a CPU-sized run). The dataset is checked before training starts
-(``offseg check-data``); checkpoints are written atomically, ``--resume`` continues from the newest complete
-one, and Ctrl-C stops after the current step with a checkpoint.
+(``offseg check-data``); checkpoints are written atomically with a manifest (sizes, SHA-256), ``--resume``
+continues from the newest one that verifies (naming and skipping damaged ones), a save the disk cannot hold
+stops with the bytes needed and free and leaves nothing partial, and Ctrl-C stops after the current step with a
+checkpoint.
 
 ``--help`` is read from ``train_options.json`` (written by :func:`offseg_hf.training.write_cli_spec` from the
 dataclasses; a test keeps it in sync), so that it answers without importing transformers.
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import sys
 
-    from offseg_hf.training.train import TrainingInterrupted, parse_train_argv, resolve_config, train
+    from offseg_hf.training.train import CheckpointSaveError, TrainingInterrupted, parse_train_argv, resolve_config, train
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -89,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"offseg train: stopped by {stop.signal_name} after step {stop.step}; {where}", file=sys.stderr)
         print(f"continue with:\n  {resume_hint(args)}", file=sys.stderr)
         return 130
+    except CheckpointSaveError as failed:
+        kept = (f"the last complete checkpoint, {failed.last_complete}, is intact" if failed.last_complete
+                else "no earlier checkpoint was saved")
+        print(f"offseg train: error: {failed}\n{kept}; after freeing space, continue with:\n  {resume_hint(args)}",
+              file=sys.stderr)
+        return 1
     print(f"final mIoU {100 * metrics.get('eval_mIoU', float('nan')):.2f}  "
           f"mAcc {100 * metrics.get('eval_mAcc', float('nan')):.2f}  "
           f"aAcc {100 * metrics.get('eval_aAcc', float('nan')):.2f}  -> {config.training_args.output_dir}")
