@@ -960,7 +960,18 @@ def _save_final_model(trainer, processor, output_dir: str) -> None:
     staged = Path(output_dir, STAGING_DIR, "final-model")
     if trainer.is_world_process_zero():
         shutil.rmtree(staged, ignore_errors=True)
-    trainer.save_model(str(staged))
+        weights = sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
+        try:
+            ensure_free_space(output_dir, weights + 2**20, "the final model")
+        except OSError as error:
+            raise CheckpointSaveError("the final model", output_dir, str(error)) from error
+    try:
+        trainer.save_model(str(staged))
+    except Exception as error:
+        shutil.rmtree(staged, ignore_errors=True)
+        if not is_write_failure(error):
+            raise
+        raise CheckpointSaveError("the final model", output_dir, describe_write_error(error, staged)) from error
     if trainer.is_world_process_zero():
         processor.save_pretrained(staged)
         from offseg_hf.training.checkpoints import fsync_tree
@@ -1044,7 +1055,11 @@ def train(config: TrainConfig, quiet: bool = False) -> dict[str, Any]:
         saved = os.path.join(args.output_dir, f"checkpoint-{trainer.state.global_step}")
         raise TrainingInterrupted(interrupt.signal_name, trainer.state.global_step, saved if os.path.isdir(saved) else None)
     metrics = trainer.evaluate()
-    _save_final_model(trainer, processor, args.output_dir)
+    try:
+        _save_final_model(trainer, processor, args.output_dir)
+    except CheckpointSaveError as error:
+        error.last_complete = newest_complete_checkpoint(args.output_dir)[0]
+        raise
     if trainer.is_world_process_zero():
         summary = {k: v for k, v in metrics.items() if not k.startswith("eval_IoU-")}
         atomic_write_text(Path(args.output_dir, "eval_results.json"), json.dumps(metrics, indent=2))
