@@ -372,3 +372,14 @@ def test_predict_on_a_full_disk_stops_and_leaves_no_partial_files(tiny_model_dir
     assert "offseg predict: error: writing " in error and "the disk is full or over quota: No space left on device" in error
     assert f"the partial output was removed; stopped after 0 complete image(s) in {out}" in error
     assert list(out.iterdir()) == []  # not the label map written before the overlay ran out of space, nor a temporary
+
+
+def test_convert_on_a_full_disk_leaves_no_partial_folder(small_disk):
+    from offseg_hf.conversion.accounting import ConversionError
+    from offseg_hf.conversion.convert import convert_checkpoint
+
+    disk = small_disk("4m")  # OffSeg-T's weights take 25 MB
+    with pytest.raises(ConversionError, match=r"failed: the disk is full or over quota: No space left on device "
+                                              r"\(SafetensorError: .*\); .* free there now; the partial output was removed"):
+        convert_checkpoint(Path(__file__).parent / "fixtures" / "offseg-t_official.safetensors", disk / "offseg-t")
+    assert list(disk.iterdir()) == []

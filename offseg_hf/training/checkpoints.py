@@ -74,8 +74,11 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.
 _TRAINING_STATE = re.compile(r"^(optimizer\.pt|scheduler\.pt|trainer_state\.json|training_args\.bin|rng_state.*\.pth)$")
 # Errors of a write that the storage refused: full, over quota, too large, failing.
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
-# How torch's zip writer reports a short write (it does not pass errno on).
-_TORCH_SHORT_WRITE = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed", re.IGNORECASE)
+# How writers that do not raise OSError report a refused write: torch's zip writer (a short write, no errno)
+# and safetensors' Rust writer (``SafetensorError: ... No space left on device (os error 28)``).
+_WRITE_FAILURE_TEXT = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed|No space left on device|"
+                                 r"Disk quota exceeded|Input/output error|os error (28|122|5)\b", re.IGNORECASE)
+_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)\b", re.IGNORECASE)
 
 
 class StorageError(OSError):
@@ -206,22 +209,26 @@ def ensure_free_space(folder: str | os.PathLike, needed: int, what: str) -> None
 
 
 def is_write_failure(error: BaseException) -> bool:
-    """Whether ``error`` is the storage refusing a write: ``OSError`` ENOSPC / EDQUOT / EFBIG / EIO, or torch's
-    zip writer's short write (``unexpected pos …``), which is how a full disk looks from ``torch.save``."""
-    if isinstance(error, StorageError):
-        return False  # already says it all
+    """Whether ``error`` is the storage refusing a write: ``OSError`` ENOSPC / EDQUOT / EFBIG / EIO, torch's
+    zip writer's short write (``unexpected pos …``, how a full disk looks from ``torch.save``), or another
+    writer's error that says so (safetensors: ``No space left on device (os error 28)``)."""
+    if isinstance(error, StorageError) or not isinstance(error, Exception):
+        return False  # already says it all / Ctrl-C and exits are not write failures
     if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
         return True
-    return isinstance(error, RuntimeError) and bool(_TORCH_SHORT_WRITE.search(str(error)))
+    return bool(_WRITE_FAILURE_TEXT.search(str(error)))
 
 
 def describe_write_error(error: BaseException, path: str | os.PathLike) -> str:
     """One sentence for a failed write of ``path``: what the storage said and the space left now."""
     path = Path(path)
     code = getattr(error, "errno", None)
-    if code is None and isinstance(error, RuntimeError):
-        code = errno.ENOSPC  # torch's short write: with the space check below, the likely cause
-        cause = f"a short write ({str(error).strip().splitlines()[0]})"
+    if code is None:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if _FULL_TEXT.search(message):
+            code, cause = errno.ENOSPC, os.strerror(errno.ENOSPC) + f" ({type(error).__name__}: {message})"
+        else:  # torch's short write: with the space shown below, the likely cause
+            cause = f"a short write ({message})"
     else:
         cause = os.strerror(code) if code else str(error)
     try:
