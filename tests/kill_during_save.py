@@ -4,7 +4,8 @@ Environment: ``KILL_IN`` (a path fragment, e.g. ``checkpoint-4``), ``KILL_AT`` (
 event to die at, 0 = never; or ``before:NAME``, the first write of a file named NAME; or ``rename``, the first
 rename), ``KILL_SIGNAL`` (``SIGKILL``, default, to this process; ``SIGINT`` to the
 whole process group, as Ctrl-C in a terminal does) and optionally ``KILL_LOG`` (a file that receives every
-counted event).
+counted event). With ``FILL_FILE`` set, the process is not killed at that event: it fills the file system of
+``FILL_FILE`` by writing that file until the disk is full (another program taking the space during a save).
 Counted events are Python's audit events for opening a file for writing, renames and tree removals whose
 path contains ``KILL_IN``: the process dies just before that write, i.e. between two files of the save.
 """
@@ -17,7 +18,18 @@ FRAGMENT = os.environ["KILL_IN"]
 TARGET = os.environ.get("KILL_AT", "0")
 LOG = os.environ.get("KILL_LOG")
 SIGNAL = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
+FILL = os.environ.get("FILL_FILE")
 _count = 0
+
+
+def _fill_disk(path: str) -> None:
+    block = b"\0" * 4096
+    with open(path, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(block)
+        except OSError:  # ENOSPC: the file system is full
+            pass
 
 
 def _writing(args) -> bool:
@@ -47,7 +59,9 @@ def _hook(event, args):
         hit = event == "open" and os.path.basename(paths[0]) == TARGET[len("before:"):]
     else:
         hit = TARGET == "rename" and event == "os.rename"
-    if hit:
+    if hit and FILL:
+        _fill_disk(FILL)
+    elif hit:
         if SIGNAL == signal.SIGKILL:
             os.kill(os.getpid(), signal.SIGKILL)
         else:

@@ -270,3 +270,51 @@ def test_large_upload_keeps_the_page_images_bounded(model_dirs, tmp_path):
     assert layout.panel_size == (768, 1024) and result.overlay.shape == (*layout.figure_size, 3)
     assert result.state["label_map"].dtype == np.uint8 and result.state["label_map"].shape == (3000, 4000)
     assert "image 4000×3000" in result.status
+
+
+def test_sigterm_stops_the_demo_and_removes_its_temporary_folders(model_dirs, scene, tmp_path):
+    """The demo's folders (examples, label maps, Gradio's upload and output cache) live in the temporary
+    directory while it serves and are gone after SIGTERM (what ``kill``, ``docker stop`` and a Space restart send)."""
+    _require_gradio()
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    env.update(TMPDIR=str(temp), OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False")
+    log = tmp_path / "server.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "offseg_hf", "demo", "--model", str(model_dirs["offseg"]), "--port", str(port),
+             "--scale", *map(str, SCALE), "--device", "cpu"],
+            stdout=output, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        overlay, labels, _, status, *_ = Client(url, verbose=False, download_files=False).predict(
+            handle_file(str(scene)), str(model_dirs["offseg"]), "whole", False, 0.5, -1, api_name="/segment")
+        assert "Model time" in (status.get("value") if isinstance(status, dict) else status)
+        made = sorted(p.name.rsplit("-", 1)[0] for p in temp.iterdir())
+        assert made == ["offseg-demo-cache", "offseg-demo-examples", "offseg-demo-labels"], made
+        assert overlay is not None and labels is not None
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert list(temp.iterdir()) == [], log.read_text()

@@ -6,8 +6,10 @@ every ``TrainingArguments`` field is an option (``--bf16``, ``--push-to-hub --hu
 ``--config FILE`` (JSON or YAML, keys = option names) sets several at once, and flags given on the command
 line win over the file. Defaults marked "recipe" depend on the dataset (ADE20K / COCO-Stuff / Cityscapes /
 Pascal Context as in the paper; synthetic: a CPU-sized run). The dataset is checked before training starts
-(``offseg check-data``); checkpoints are written atomically, ``--resume`` continues from the newest complete
-one, and Ctrl-C stops after the current step with a checkpoint.
+(``offseg check-data``); checkpoints are written atomically with a manifest (sizes, SHA-256), ``--resume``
+continues from the newest one that verifies (naming and skipping damaged ones), a save the disk cannot hold
+stops with the bytes needed and free and leaves nothing partial, and Ctrl-C stops after the current step with a
+checkpoint.
 
 ``--help`` is read from ``train_options.json`` (written by :func:`offseg_hf.training.write_cli_spec` from the
 dataclasses; a test keeps it in sync), so that it answers without importing transformers.
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import sys
 
-    from offseg_hf.training.train import TrainingInterrupted, parse_train_argv, resolve_config, train
+    from offseg_hf.training.train import CheckpointSaveError, TrainingInterrupted, parse_train_argv, resolve_config, train
 
     main_process = is_main_process()
     # Every process of a multi-process run trains; only the main one talks (the others keep their errors).
@@ -101,6 +103,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"offseg train: stopped by {stop.signal_name} after step {stop.step}; {where}", file=sys.stderr)
         print(f"continue with:\n  {resume_hint(args)}", file=sys.stderr)
         return 130
+    except CheckpointSaveError as failed:
+        if not main_process:
+            return 1
+        kept = (f"the last complete checkpoint, {failed.last_complete}, is intact" if failed.last_complete
+                else "no earlier checkpoint was saved")
+        print(f"offseg train: error: {failed}\n{kept}; after freeing space, continue with:\n  {resume_hint(args)}",
+              file=sys.stderr)
+        return 1
     if not main_process:
         return 0
     print(f"final mIoU {100 * metrics.get('eval_mIoU', float('nan')):.2f}  "

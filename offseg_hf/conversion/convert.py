@@ -281,13 +281,17 @@ def _write_atomically(output_dir: Path, overwrite: bool, write) -> None:
     try:
         write(staging)
         _move_into_place(staging, output_dir, overwrite)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         for created in created_parents:  # innermost first
             try:
                 created.rmdir()
             except OSError:
                 break
+        from offseg_hf.training.checkpoints import describe_write_error, is_write_failure
+
+        if is_write_failure(error):  # a full or failing disk, said in words
+            raise ConversionError(describe_write_error(error, output_dir)) from error
         raise
 
 

@@ -71,8 +71,11 @@ def load_model(path: str, device: str = "auto", fold_batch_norm: bool = True, co
         processor of :func:`~offseg_hf.inference.image_processing_offseg.build_image_processor` (ADE20K protocol) when it has
         none (:func:`offseg_hf.segment` only uses its normalisation and resize, with sizes of its own).
 
+    A training checkpoint (a ``checkpoint-N`` folder, or one with a ``manifest.json``) is verified first
+    (:func:`offseg_hf.training.checkpoints.checkpoint_problems`, the files loading reads).
+
     Raises:
-        ModelLoadError: naming the folder and the files looked for.
+        ModelLoadError: naming the folder and the files looked for, or the damaged file of a checkpoint.
     """
     import torch
     from transformers import (
@@ -84,12 +87,17 @@ def load_model(path: str, device: str = "auto", fold_batch_norm: bool = True, co
 
     import offseg_hf.models  # noqa: F401  (registers the models with the Auto classes)
     from offseg_hf.inference.image_processing_offseg import build_image_processor  # (and registers old OffSeg processors)
+    from offseg_hf.training.checkpoints import MANIFEST, checkpoint_problems
 
     folder = Path(path).expanduser()
     config_file = folder / "config.json"
     if folder.is_dir():
         if not config_file.is_file():
             raise ModelLoadError(f"{folder} is not a saved model folder: looked for {config_file}, which does not exist")
+        if (folder / MANIFEST).is_file() or re.match(r"^checkpoint-\d+$", folder.name):  # a training checkpoint
+            problems = checkpoint_problems(folder, model_only=True)
+            if problems:
+                raise ModelLoadError(f"checkpoint {folder} is damaged or incomplete: " + "; ".join(problems))
         source = str(folder)
     elif folder.exists():
         raise ModelLoadError(f"{folder} is a file; --model expects a model folder containing config.json")
@@ -330,7 +338,7 @@ def predict_files(
     """
     from tqdm.auto import tqdm
 
-    from offseg_hf.training.checkpoints import atomic_output, atomic_write_text
+    from offseg_hf.training.checkpoints import StorageError, atomic_output, atomic_write_text
     from offseg_hf.inference.visualize import save_label_map, save_overlay
 
     start = time.perf_counter()
@@ -363,25 +371,32 @@ def predict_files(
             continue
         label_map, fractions = prediction.label_map, prediction.fractions
         paths = output_paths(out_dir, path, used)
-        # every file is renamed into place once complete (a kill leaves no half-written PNG)
-        with atomic_output(paths["labels"]) as temporary:
-            save_label_map(label_map, settings.palette, temporary)
-        with atomic_output(paths["overlay"]) as temporary:
-            save_overlay(image, label_map, settings.palette, fractions, temporary, title=overlay_title(mode, tta))
-        record = {
-            "image": str(path),
-            "width": image.width,
-            "height": image.height,
-            "model": model_name,
-            "mode": mode,
-            "tta": tta,
-            "protocol": settings.protocol_record,
-            "palette": settings.dataset or "generated",
-            "label_map": paths["labels"].name,
-            "overlay": paths["overlay"].name,
-            "classes": fractions,
-        }
-        atomic_write_text(paths["json"], json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        # every file is renamed into place once complete (a kill leaves no half-written PNG); a full disk stops
+        # the run and removes this image's files already written, so that every image has all three or none
+        try:
+            with atomic_output(paths["labels"]) as temporary:
+                save_label_map(label_map, settings.palette, temporary)
+            with atomic_output(paths["overlay"]) as temporary:
+                save_overlay(image, label_map, settings.palette, fractions, temporary, title=overlay_title(mode, tta))
+            record = {
+                "image": str(path),
+                "width": image.width,
+                "height": image.height,
+                "model": model_name,
+                "mode": mode,
+                "tta": tta,
+                "protocol": settings.protocol_record,
+                "palette": settings.dataset or "generated",
+                "label_map": paths["labels"].name,
+                "overlay": paths["overlay"].name,
+                "classes": fractions,
+            }
+            atomic_write_text(paths["json"], json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+        except StorageError as error:
+            for written in paths.values():
+                written.unlink(missing_ok=True)
+            raise StorageError(error.errno, f"{error}; stopped after {len(summary.written)} complete image(s) in "
+                               f"{out_dir}") from error
         summary.written[path] = paths
         for entry in fractions:
             summary.pixel_counts[entry["label"]] = summary.pixel_counts.get(entry["label"], 0) + entry["pixels"]

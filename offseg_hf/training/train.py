@@ -50,7 +50,10 @@ from transformers.trainer_utils import HubStrategy, IntervalStrategy, SchedulerT
 from transformers.training_args import OptimizerNames
 
 from offseg_hf.data.registry import DATASETS, get_dataset
-from offseg_hf.training.checkpoints import STAGING_DIR, atomic_write_text, newest_complete_checkpoint, publish_folder
+from offseg_hf.training.checkpoints import (
+    STAGING_DIR, atomic_write_text, checkpoint_problems, describe_write_error, discard_interrupted_saves,
+    ensure_free_space, folder_bytes, is_write_failure, newest_complete_checkpoint, publish_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -705,12 +708,25 @@ def _trainer_classes():
             run_dir = self._get_output_dir(trial)
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             staged, final = os.path.join(run_dir, STAGING_DIR, name), os.path.join(run_dir, name)
+            needed = self._checkpoint_bytes(run_dir)
             if self.args.should_save:
                 shutil.rmtree(staged, ignore_errors=True)
+                try:
+                    ensure_free_space(run_dir, needed, name)
+                except OSError as error:
+                    raise CheckpointSaveError(name, run_dir, str(error)) from error
             self.accelerator.wait_for_everyone()
             self._staging = True
             try:
                 super()._save_checkpoint(model, trial)  # writes into `staged`; rotates nothing there
+            except Exception as error:  # a full or failing disk: no partial folder may stay behind
+                if self.args.should_save:
+                    shutil.rmtree(staged, ignore_errors=True)
+                    discard_interrupted_saves(run_dir)
+                if not is_write_failure(error):
+                    raise
+                raise CheckpointSaveError(name, run_dir, f"{describe_write_error(error, staged)}; a checkpoint here "
+                                          f"takes about {needed:,} bytes") from error
             finally:
                 self._staging = False
             if self.state.best_model_checkpoint == staged:  # this step is the best: record its final name
@@ -723,6 +739,20 @@ def _trainer_classes():
                 rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
             self.accelerator.wait_for_everyone()
+
+        def _checkpoint_bytes(self, run_dir: str) -> int:
+            """What the next checkpoint will take: the newest saved one's size, or (first save) the model's
+            weights and the optimizer's state as tensors hold them, plus 1 MiB for the small files."""
+            from transformers.trainer_utils import get_last_checkpoint
+
+            previous = get_last_checkpoint(run_dir)
+            if previous is not None:
+                return folder_bytes(previous)
+            tensors = list(self.model.state_dict().values())
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+            for state in (optimizer.state.values() if optimizer is not None else ()):
+                tensors += [value for value in state.values() if isinstance(value, torch.Tensor)]
+            return sum(t.numel() * t.element_size() for t in tensors) + 2**20
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -1056,12 +1086,35 @@ def build_trainer(config: TrainConfig, quiet: bool = False):
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest *complete* ``checkpoint-N`` folder in ``output_dir``, or ``None``; incomplete ones (an
-    interrupted save) are named in a warning and skipped (:func:`offseg_hf.training.checkpoints.newest_complete_checkpoint`)."""
+    """The newest ``checkpoint-N`` folder in ``output_dir`` that verifies, or ``None`` when there is none;
+    interrupted saves and corrupt or incomplete checkpoints are named (file and problem) in a warning and
+    skipped (:func:`offseg_hf.training.checkpoints.newest_complete_checkpoint`).
+
+    Raises:
+        CheckpointError: there are checkpoints but none verifies (the message lists what was checked).
+    """
     checkpoint, skipped = newest_complete_checkpoint(output_dir)
     for line in skipped:
         logger.warning("--resume: skipping %s", line)
+    if checkpoint is None and any(Path(output_dir).glob("checkpoint-*")):
+        raise CheckpointError(f"--resume: no checkpoint in {output_dir} verifies:\n  " + "\n  ".join(skipped)
+                              + "\nremove the damaged folders to start afresh, or copy intact ones back")
     return checkpoint
+
+
+class CheckpointError(Exception):
+    """No checkpoint to resume from verifies, or the one given is damaged; the message names the files."""
+
+
+class CheckpointSaveError(Exception):
+    """A checkpoint could not be saved (too little space, or the write failed); nothing partial is left.
+
+    Attributes: ``name`` (``checkpoint-N``), ``output_dir``, ``reason`` (the one-line cause), ``last_complete``
+    (the newest checkpoint that verifies, set by :func:`train`)."""
+
+    def __init__(self, name: str, output_dir: str, reason: str):
+        self.name, self.output_dir, self.reason, self.last_complete = name, output_dir, reason, None
+        super().__init__(f"saving {name} failed: {reason}")
 
 
 class TrainingInterrupted(Exception):
@@ -1078,7 +1131,18 @@ def _save_final_model(trainer, processor, output_dir: str) -> None:
     staged = Path(output_dir, STAGING_DIR, "final-model")
     if trainer.is_world_process_zero():
         shutil.rmtree(staged, ignore_errors=True)
-    trainer.save_model(str(staged))
+        weights = sum(t.numel() * t.element_size() for t in trainer.model.state_dict().values())
+        try:
+            ensure_free_space(output_dir, weights + 2**20, "the final model")
+        except OSError as error:
+            raise CheckpointSaveError("the final model", output_dir, str(error)) from error
+    try:
+        trainer.save_model(str(staged))
+    except Exception as error:
+        shutil.rmtree(staged, ignore_errors=True)
+        if not is_write_failure(error):
+            raise
+        raise CheckpointSaveError("the final model", output_dir, describe_write_error(error, staged)) from error
     if trainer.is_world_process_zero():
         processor.save_pretrained(staged)
         from offseg_hf.training.checkpoints import fsync_tree
@@ -1145,15 +1209,28 @@ def train(config: TrainConfig, quiet: bool = False) -> dict[str, Any]:
         checkpoint = last_checkpoint(args.output_dir)
         if checkpoint is None:
             logger.warning("--resume: no complete checkpoint in %s, starting from scratch", args.output_dir)
+    elif checkpoint is not None and (problems := checkpoint_problems(checkpoint)):
+        raise CheckpointError(f"--resume-from-checkpoint {checkpoint} does not verify:\n  " + "\n  ".join(problems))
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
+    if trainer.is_world_process_zero():
+        for removed in discard_interrupted_saves(args.output_dir):  # they only take space
+            logger.info("removed the interrupted save %s", removed)
     interrupt = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "StopOnInterrupt")
-    trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except CheckpointSaveError as error:
+        error.last_complete = newest_complete_checkpoint(args.output_dir)[0]
+        raise
     if interrupt.signal_name is not None:
         saved = os.path.join(args.output_dir, f"checkpoint-{trainer.state.global_step}")
         raise TrainingInterrupted(interrupt.signal_name, trainer.state.global_step, saved if os.path.isdir(saved) else None)
     metrics = trainer.evaluate()
-    _save_final_model(trainer, processor, args.output_dir)
+    try:
+        _save_final_model(trainer, processor, args.output_dir)
+    except CheckpointSaveError as error:
+        error.last_complete = newest_complete_checkpoint(args.output_dir)[0]
+        raise
     if trainer.is_world_process_zero():
         summary = {k: v for k, v in metrics.items() if not k.startswith("eval_IoU-")}
         atomic_write_text(Path(args.output_dir, "eval_results.json"), json.dumps(metrics, indent=2))
