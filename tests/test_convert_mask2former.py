@@ -251,7 +251,7 @@ def test_offseg_convert_writes_a_verified_folder_that_computes_the_reference(nam
     card = (folder / "README.md").read_text()
     assert ("with offset learning" in card) == offset and f"`{name}.pth`" in card and "2,8" in card
 
-    import offseg_hf.models  # noqa: F401  (registers mask2former_offset with the Auto classes)
+    import offseg_hf  # noqa: F401  (activates mask2former_offset with the Auto classes)
     from transformers import AutoModelForUniversalSegmentation
 
     model = AutoModelForUniversalSegmentation.from_pretrained(folder).eval()

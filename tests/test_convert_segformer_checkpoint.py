@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSemanticSegmentation
 
-import offseg_hf.models  # noqa: F401  (registers the Auto classes)
+import offseg_hf  # noqa: F401  (activates the Auto classes)
 from offseg_hf.cli import main
 from offseg_hf.models.modeling_segformer_offset import SegformerOffsetForSemanticSegmentation
 

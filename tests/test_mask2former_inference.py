@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
 import offseg_hf.inference.image_processing_offseg  # noqa: F401  (registers the processor by name, until `import offseg_hf` does)
-import offseg_hf.models  # noqa: F401  (registers the models with the Auto classes)
+import offseg_hf  # noqa: F401  (activates the models with the Auto classes)
 from offseg_hf.inference.image_processing_offseg import Mask2FormerSemanticImageProcessor, build_image_processor
 from offseg_hf.inference.segment import SegmentationProtocol, segment_image
 from offseg_hf.models import Mask2FormerOffsetConfig, Mask2FormerOffsetForUniversalSegmentation

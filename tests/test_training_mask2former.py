@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import offseg_hf.models  # noqa: F401  (registers the models with the Auto classes)
+import offseg_hf  # noqa: F401  (activates the models with the Auto classes)
 from offseg_hf.data.pipeline import semantic_to_mask_targets
 from offseg_hf.training.train import build_model, build_param_groups, resolve_config
 from test_mask2former_inference import tiny_config
