@@ -14,6 +14,7 @@ import offseg_hf  # noqa: F401  (activates the models with the Auto classes)
 from offseg_hf.data.pipeline import semantic_to_mask_targets
 from offseg_hf.training.train import build_model, build_param_groups, resolve_config
 from test_mask2former_inference import tiny_config
+from test_training_segnext import _losses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,11 +106,6 @@ def _train(output_dir: Path, model: str, *extra: str) -> subprocess.CompletedPro
     ]
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-
-
-def _losses(output_dir: Path) -> dict[int, float]:
-    history = json.loads((output_dir / "log_history.json").read_text())
-    return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
 @pytest.mark.slow

@@ -161,24 +161,18 @@ def _describe(keys: list[str], what: str) -> str:
     return f"{what} keys: {shown}{', …' if len(keys) > 3 else ''} ({len(keys)} in all)"
 
 
-def _guess_head(keys: list[str]) -> str:
-    names = " ".join(keys)
-    for marker, head in (("psp_modules", "UPerNet (UPerHead)"), ("fpn_convs", "UPerNet (UPerHead)"),
-                         ("aspp", "DeepLabV3(+) (ASPPHead)"), ("hamburger", "SegNeXt (LightHamHead)"),
-                         ("predictor.", "MaskFormer (MaskFormerHead)"), ("offset_learning.cls_repr", "an OffSeg head")):
-        if marker in names:
-            return head
-    return "an unknown head" if keys else "no head"
+_HEAD_MARKERS = (("psp_modules", "UPerNet (UPerHead)"), ("fpn_convs", "UPerNet (UPerHead)"),
+                 ("aspp", "DeepLabV3(+) (ASPPHead)"), ("hamburger", "SegNeXt (LightHamHead)"),
+                 ("predictor.", "MaskFormer (MaskFormerHead)"), ("offset_learning.cls_repr", "an OffSeg head"))
+_BACKBONE_MARKERS = (("backbone.layer1.", "ResNet"), ("backbone.stem.", "ResNet (V1c stem)"),
+                     ("backbone.layers.0.0.projection", "MiT (SegFormer)"), ("backbone.block1.", "MSCAN"),
+                     ("backbone.network.", "EfficientFormerV2"), ("backbone.downsample_layers.", "ConvNeXt"))
 
 
-def _guess_backbone(keys: list[str]) -> str:
+def _guess(keys: list[str], markers: tuple[tuple[str, str], ...], what: str) -> str:
+    """The architecture whose marker appears in ``keys`` (``what``: "head" / "backbone", for the fallbacks)."""
     names = " ".join(keys)
-    for marker, backbone in (("backbone.layer1.", "ResNet"), ("backbone.stem.", "ResNet (V1c stem)"),
-                             ("backbone.layers.0.0.projection", "MiT (SegFormer)"), ("backbone.block1.", "MSCAN"),
-                             ("backbone.network.", "EfficientFormerV2"), ("backbone.downsample_layers.", "ConvNeXt")):
-        if marker in names:
-            return backbone
-    return "an unknown backbone" if keys else "no backbone"
+    return next((name for marker, name in markers if marker in names), f"an unknown {what}" if keys else f"no {what}")
 
 
 def check_supported(state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -188,13 +182,15 @@ def check_supported(state_dict: Mapping[str, torch.Tensor]) -> None:
     problems = []
     if not has_swin_backbone(state_dict):
         problems.append(
-            f"its backbone is not Swin but looks like {_guess_backbone(backbone)} ({_describe(backbone, 'backbone')}); "
+            f"its backbone is not Swin but looks like {_guess(backbone, _BACKBONE_MARKERS, 'backbone')} "
+            f"({_describe(backbone, 'backbone')}); "
             "Mask2Former converts with mmseg's SwinTransformer only ('backbone.patch_embed.projection.weight', "
             "'backbone.stages.N.blocks.M.attn.w_msa.qkv.weight', …)"
         )
     if not has_mask2former_head(state_dict):
         problems.append(
-            f"its head is not Mask2Former but looks like {_guess_head(head)} ({_describe(head, 'decode_head')}); "
+            f"its head is not Mask2Former but looks like {_guess(head, _HEAD_MARKERS, 'head')} "
+            f"({_describe(head, 'decode_head')}); "
             "only mmdet's Mask2FormerHead and the OffSeg authors' Mask2FormerHeadOffsetLearning convert "
             "('decode_head.query_feat.weight', 'decode_head.transformer_decoder.*', …)"
         )
