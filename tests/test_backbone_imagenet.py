@@ -231,7 +231,7 @@ def test_offseg_convert_writes_a_backbone_folder(fixtures_dir, tmp_path, capsys)
     out = tmp_path / "efficientformerv2-s1"
     assert main(["convert", str(path), str(out), "--dataset", "ade20k"]) == 1  # OffSeg-only option
     err = capsys.readouterr().err
-    assert "is a(n) EfficientFormerV2 ImageNet checkpoint; ['dataset'] apply to SegNeXt, SegFormer + offset learning, OffSeg checkpoints only" in err
+    assert "is a(n) EfficientFormerV2 ImageNet checkpoint; ['dataset'] apply to SegNeXt, SegFormer + offset learning, Mask2Former (Swin), OffSeg checkpoints only" in err
     assert not out.exists()
     assert main(["convert", str(path), str(out), "--attention-biases", "transfer"]) == 0
     assert "EfficientFormerV2-S1 backbone (official layout)" in capsys.readouterr().out
