@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -118,7 +117,6 @@ def converted_folders(fixtures_dir, tmp_path_factory) -> dict[str, Path]:
 
 FRESH_PROCESS = r"""
 import json, sys
-import numpy as np
 from PIL import Image
 import offseg_hf
 from transformers import AutoModelForSemanticSegmentation, pipeline

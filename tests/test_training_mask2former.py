@@ -14,7 +14,7 @@ import offseg_hf  # noqa: F401  (activates the models with the Auto classes)
 from offseg_hf.data.pipeline import semantic_to_mask_targets
 from offseg_hf.training.train import build_model, build_param_groups, resolve_config
 from test_mask2former_inference import tiny_config
-from test_training_segnext import _losses
+from test_training_segnext import _losses, evaluate_agrees_with_the_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,17 +142,7 @@ def test_train_resume_evaluate_predict(tmp_path):
     for key, value in _safetensors(reference).items():
         assert torch.allclose(saved[key], value, atol=1e-5), key
 
-    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    evaluate = subprocess.run(
-        [sys.executable, "-m", "offseg_hf", "evaluate", "--model", str(resumed), "--dataset", "synthetic",
-         "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    report = json.loads(next(resumed.glob("eval_synthetic_validation_whole*.json")).read_text())["metrics"]
-    assert report["num_images"] == 2
-    # the same images, the same reference predict: offseg evaluate agrees with the Trainer's evaluation
-    final = json.loads((resumed / "eval_results.json").read_text())
-    assert report["mIoU"] == pytest.approx(final["eval_mIoU"], abs=1e-6)
+    env = evaluate_agrees_with_the_trainer(resumed)  # the same images and the same reference predict
     predict = subprocess.run(
         [sys.executable, "-m", "offseg_hf", "predict", str(resumed / "samples" / "val_000.png"), "--model",
          str(resumed), "--out", str(tmp_path / "predictions"), "--device", "cpu", "--quiet"], cwd=REPO, env=env,

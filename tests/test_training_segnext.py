@@ -56,6 +56,22 @@ def _train(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
+def evaluate_agrees_with_the_trainer(folder: Path) -> dict[str, str]:
+    """``offseg evaluate`` of a trained tiny folder on its 2 synthetic validation images gives the mIoU the Trainer's
+    final evaluation recorded; returns the subprocess environment for further commands."""
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    evaluate = subprocess.run(
+        [sys.executable, "-m", "offseg_hf", "evaluate", "--model", str(folder), "--dataset", "synthetic",
+         "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    report = json.loads(next(folder.glob("eval_synthetic_validation_whole*.json")).read_text())["metrics"]
+    assert report["num_images"] == 2
+    final = json.loads((folder / "eval_results.json").read_text())
+    assert report["mIoU"] == pytest.approx(final["eval_mIoU"], abs=1e-6)
+    return env
+
+
 def _losses(output_dir: Path) -> dict[int, float]:
     history = json.loads((output_dir / "log_history.json").read_text())
     return {h["step"]: h["loss"] for h in history if "loss" in h}
@@ -82,17 +98,7 @@ def test_train_resume_evaluate_predict(tmp_path):
     for step in (3, 4):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
 
-    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    evaluate = subprocess.run(
-        [sys.executable, "-m", "offseg_hf", "evaluate", "--model", str(resumed), "--dataset", "synthetic",
-         "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-    report = json.loads(next(resumed.glob("eval_synthetic_validation_whole*.json")).read_text())["metrics"]
-    assert report["num_images"] == 2
-    # the same images and the deterministic NMF bases: offseg evaluate agrees with the Trainer's evaluation
-    final = json.loads((resumed / "eval_results.json").read_text())
-    assert report["mIoU"] == pytest.approx(final["eval_mIoU"], abs=1e-6)
+    env = evaluate_agrees_with_the_trainer(resumed)  # the deterministic NMF bases make the two evaluations equal
     sample = resumed / "samples" / "val_000.png"
     predict = subprocess.run(
         [sys.executable, "-m", "offseg_hf", "predict", str(sample), "--model", str(resumed), "--out",
