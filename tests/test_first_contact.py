@@ -117,6 +117,7 @@ def converted_folders(fixtures_dir, tmp_path_factory) -> dict[str, Path]:
 
 FRESH_PROCESS = r"""
 import json, sys
+import numpy as np
 from PIL import Image
 import offseg_hf
 from transformers import AutoModelForSemanticSegmentation, pipeline
