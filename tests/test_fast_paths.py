@@ -265,19 +265,23 @@ def test_attention_bias_cache_follows_the_weights_and_the_size():
     torch.manual_seed(0)
     model = OffSegForSemanticSegmentation(tiny_offseg_config()).eval()
     bias = model.offseg.backbone.stages[-1].blocks[-1].attention.relative_position  # a 2×2 grid: 4 tokens
+    f32 = torch.float32
     with torch.no_grad():
-        first = bias(4, 4).clone()
-        assert bias(4, 4) is bias(4, 4)  # cached
+        first = bias(4, 4, f32).clone()
+        assert bias(4, 4, f32) is bias(4, 4, f32)  # cached
         bias.attention_biases.add_(1.0)
-        torch.testing.assert_close(bias(4, 4), first + 1.0, rtol=0, atol=0)
-        other = bias(6, 9)
+        torch.testing.assert_close(bias(4, 4, f32), first + 1.0, rtol=0, atol=0)
+        other = bias(6, 9, f32)
         assert other.shape[-2:] == (6, 9)
+        half = bias(6, 9, torch.bfloat16)  # in the logits' dtype, cached in it
+        assert half.dtype == torch.bfloat16 and bias(6, 9, torch.bfloat16) is half
+        torch.testing.assert_close(half, other.bfloat16(), rtol=0, atol=0)
     with torch.enable_grad():
-        assert bias(6, 9).requires_grad  # with gradients: computed, not cached
-        torch.testing.assert_close(bias(6, 9), other, rtol=0, atol=0)
+        assert bias(6, 9, f32).requires_grad  # with gradients: computed, not cached
+        torch.testing.assert_close(bias(6, 9, f32), other, rtol=0, atol=0)
     model.double()
     with torch.no_grad():
-        assert bias(4, 4).dtype == torch.float64
+        assert bias(4, 4, torch.float64).dtype == torch.float64
 
 
 def _model_with_trained_statistics():

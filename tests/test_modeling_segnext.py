@@ -120,7 +120,7 @@ def test_save_and_load(tmp_path, classifier):
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values).logits, model(pixel_values).logits)
     assert sorted(p.name for p in tmp_path.glob("*.py")) == [
-        "configuration_segnext.py", "loss.py", "modeling_segnext.py", "offset_learning.py"
+        "configuration_segnext.py", "loss.py", "modeling_segnext.py", "offset_learning.py", "precision.py"
     ]
 
 

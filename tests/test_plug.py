@@ -160,7 +160,7 @@ def test_save_and_reload_as_the_offset_variant(tmp_path):
     assert '"model_type": "segformer_offset"' in config_text
     assert "AutoModelForSemanticSegmentation" in config_text  # auto_map for trust_remote_code users
     # Only the code the model imports travels for trust_remote_code, none of OffSeg's.
-    assert sorted(path.name for path in tmp_path.glob("*.py")) == ["loss.py", "modeling_segformer_offset.py", "offset_learning.py"]
+    assert sorted(path.name for path in tmp_path.glob("*.py")) == ["loss.py", "modeling_segformer_offset.py", "offset_learning.py", "precision.py"]
     reloaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
     assert type(reloaded) is SegformerOffsetForSemanticSegmentation
     pixel_values = torch.randn(1, 3, 64, 64)
@@ -245,7 +245,7 @@ def test_mask2former_offset_folder_loads_as_remote_code_without_offseg_hf(tmp_pa
     model = add_offset_learning(tiny_mask2former()).eval()
     model.save_pretrained(tmp_path / "model")
     # Only the code the model imports travels, none of OffSeg's.
-    assert sorted(p.name for p in (tmp_path / "model").glob("*.py")) == ["modeling_mask2former_offset.py", "offset_learning.py"]
+    assert sorted(p.name for p in (tmp_path / "model").glob("*.py")) == ["modeling_mask2former_offset.py", "offset_learning.py", "precision.py"]
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.save(model(pixel_values).masks_queries_logits, tmp_path / "expected.pt")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import autocast_functions
+
 
 class _UpsampledCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of bilinearly upsampled logits over the pixels whose label is not ``ignore_index``.
@@ -26,6 +28,12 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
 
     Backward: ``∂loss/∂x_pk = g · valid_p · (e_pk / Σ_k e_pk − [k = y_p]) / Σ_p valid_p``, computed in place
     in ``e``, then taken back to the logits' resolution by the adjoint of the bilinear upsampling.
+
+    Precision: computed in at least float32 whatever the logits' dtype, as ``F.cross_entropy`` runs under autocast;
+    half-precision logits are cast at their own (stride-4) resolution, so the one full-resolution buffer is the
+    only float32 copy (SegFormer's loss upsamples in half precision, then autocast casts that full-resolution map
+    to float32 for ``cross_entropy``). The gradient returns in the logits' dtype. Called through its
+    :func:`~.precision.autocast_functions` twin (``custom_fwd`` / ``custom_bwd``).
     """
 
     @staticmethod
@@ -62,6 +70,9 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         return grad_logits.to(ctx.logits_dtype), None, None
 
 
+_LOSS = autocast_functions(_UpsampledCrossEntropy)
+
+
 def semantic_segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Cross-entropy of `logits (B, K, h, w)` bilinearly upsampled to `labels (B, H, W)`.
 
@@ -72,7 +83,7 @@ def semantic_segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignor
         raise ValueError(
             f"labels must be (batch, height, width) with batch {logits.shape[0]}, got shape {tuple(labels.shape)}"
         )
-    return _UpsampledCrossEntropy.apply(logits, labels.long(), ignore_index)
+    return _LOSS.get(logits.device.type, _UpsampledCrossEntropy).apply(logits, labels.long(), ignore_index)
 
 
 __all__ = ["semantic_segmentation_loss"]

@@ -35,6 +35,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_offseg import EfficientFormerV2Config
+from .precision import compute_dtype, layer_scaled
 
 
 def relative_position_index(query_grid: int, key_grid: int) -> tuple[torch.Tensor, int]:
@@ -75,6 +76,9 @@ def pointwise_conv(
     """
     if torch.compiler.is_compiling():
         return F.conv2d(hidden_states, weight, bias)
+    dtype = compute_dtype(hidden_states, weight)  # autocast's dtype under autocast, as F.conv2d would run in
+    hidden_states, weight = hidden_states.to(dtype), weight.to(dtype)  # (no-ops when already in it)
+    bias = None if bias is None else bias.to(dtype)
     batch, channels, height, width = hidden_states.shape
     matrix = weight.view(weight.shape[0], channels).expand(batch, -1, -1)
     pixels = hidden_states.reshape(batch, channels, height * width)
@@ -143,16 +147,17 @@ class EfficientFormerV2RelativePositionBias(nn.Module):
             return bias
         return F.interpolate(bias, size=(num_queries, num_keys), mode="bicubic", align_corners=False)
 
-    def forward(self, num_queries: int, num_keys: int) -> torch.Tensor:
-        """Returns the bias of shape `(1, heads, num_queries, num_keys)`."""
+    def forward(self, num_queries: int, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
+        """Returns the bias of shape `(1, heads, num_queries, num_keys)` in ``dtype`` (the attention logits', so
+        that a float32 table does not promote bfloat16 logits under autocast; cached in that dtype)."""
         if torch.compiler.is_compiling():  # torch.export keeps the size-independent graph; torch.compile guards on it
-            return self._resized(num_queries, num_keys, skip_identity=not torch.compiler.is_exporting())
+            return self._resized(num_queries, num_keys, skip_identity=not torch.compiler.is_exporting()).to(dtype)
         if torch.is_grad_enabled():
-            return self._resized(num_queries, num_keys, skip_identity=True)
+            return self._resized(num_queries, num_keys, skip_identity=True).to(dtype)
         table = self.attention_biases
-        key = (num_queries, num_keys, table.device, table.dtype, table.data_ptr(), table._version)
+        key = (num_queries, num_keys, dtype, table.device, table.dtype, table.data_ptr(), table._version)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._resized(num_queries, num_keys, skip_identity=True))
+            self._cache = (key, self._resized(num_queries, num_keys, skip_identity=True).to(dtype))
         return self._cache[1]
 
 
@@ -168,10 +173,14 @@ def upsample_bilinear_2x(hidden_states: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return F.interpolate(hidden_states, scale_factor=2, mode="bilinear", align_corners=False)
     channels = hidden_states.shape[1]
+    # In autocast's dtype under autocast (CPU autocast would run the replicate padding in float32 and cast the
+    # padded map back for the convolution); the kernel's values are exact in every float dtype.
+    hidden_states = hidden_states.to(compute_dtype(hidden_states))
     taps = hidden_states.new_tensor([0.25, 0.75, 0.75, 0.25])
     weight = (taps[:, None] * taps[None, :]).expand(channels, 1, 4, 4)
-    padded = F.pad(hidden_states, (1, 1, 1, 1), mode="replicate")
-    return F.conv_transpose2d(padded, weight, stride=2, padding=3, groups=channels)
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        padded = F.pad(hidden_states, (1, 1, 1, 1), mode="replicate")
+        return F.conv_transpose2d(padded, weight, stride=2, padding=3, groups=channels)
 
 
 def eager_attention_forward(
@@ -252,7 +261,8 @@ class EfficientFormerV2Attention(nn.Module):
 
         # Talking heads mix the heads before and after the softmax, so this is not a plain softmax attention
         # and always runs eagerly (the downsampling attention below uses Transformers' attention interface).
-        attention = (query @ key) * self.scale + self.relative_position(tokens, tokens)
+        attention = query @ key
+        attention = attention * self.scale + self.relative_position(tokens, tokens, attention.dtype)
         attention = self.talking_head2(self.talking_head1(attention).softmax(dim=-1))
         context = (attention @ value).transpose(2, 3).reshape(batch, -1, height, width) + value_local
         if self.stride_conv is not None:
@@ -315,7 +325,7 @@ class EfficientFormerV2AttentionDownsample(nn.Module):
             self.config._attn_implementation, eager_attention_forward
         )
         context, attention = attention_interface(
-            self, query, key, value, self.relative_position(num_queries, num_keys), scaling=self.scale, **kwargs
+            self, query, key, value, self.relative_position(num_queries, num_keys, compute_dtype(query)), scaling=self.scale, **kwargs
         )  # context: (B, N_q, heads, d_v)
         context = context.permute(0, 2, 3, 1).reshape(batch, -1, height // 2, width // 2) + value_local
         return self.proj(self.act(context)), attention
@@ -429,8 +439,8 @@ class EfficientFormerV2Block(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.attention is not None:
-            hidden_states = hidden_states + self.drop_path(self.layer_scale_1 * self.attention(hidden_states)[0])
-        return hidden_states + self.drop_path(self.layer_scale_2 * self.mlp(hidden_states))
+            hidden_states = hidden_states + self.drop_path(layer_scaled(self.layer_scale_1, self.attention(hidden_states)[0]))
+        return hidden_states + self.drop_path(layer_scaled(self.layer_scale_2, self.mlp(hidden_states)))
 
 
 class EfficientFormerV2Stem(nn.Sequential):

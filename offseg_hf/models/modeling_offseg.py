@@ -37,6 +37,7 @@ from .configuration_offseg import EfficientFormerV2Config, OffSegConfig
 from .loss import semantic_segmentation_loss
 from .modeling_efficientformer_v2 import EfficientFormerV2Backbone, PointwiseConv2d
 from .offset_learning import OffsetLearning, check_num_labels
+from .precision import autocast_functions, compute_dtype
 
 # Inputs are padded to a multiple of this (the backbone's total stride; its stage-3 attention halves the grid).
 INPUT_MULTIPLE = 32
@@ -99,11 +100,14 @@ def _carafe_by_taps(features: torch.Tensor, kernels: torch.Tensor, kernel_size: 
     padded = F.pad(features, [kernel_size // 2] * 4)
     padded = padded.view(batch, groups, channels // groups, *padded.shape[-2:])
     taps = kernels.view(batch, groups, kernel_size * kernel_size, 1, height, width).unbind(2)
-    output = padded[..., :height, :width] * taps[0]
+    # Accumulated in at least float32, as convolution and matrix-product kernels accumulate: in bfloat16, rounding
+    # each of the k² partial sums doubled the error (3×3 over 64×128×128, against float64 on the same rounded
+    # inputs: mean 1.4e-3 vs 7.3e-4, max 0.033 vs 0.015).
+    output = (padded[..., :height, :width] * taps[0]).to(torch.promote_types(features.dtype, torch.float32))
     for tap in range(1, kernel_size * kernel_size):
         row, col = divmod(tap, kernel_size)
         output.addcmul_(padded[..., row : row + height, col : col + width], taps[tap])
-    return output.view(batch, channels, height, width)
+    return output.to(features.dtype).view(batch, channels, height, width)
 
 
 def _carafe_by_windows(features: torch.Tensor, kernels: torch.Tensor, kernel_size: int, scale: int, groups: int):
@@ -153,24 +157,23 @@ class _Carafe(torch.autograd.Function):
     neighbourhood. Gradients, one kernel row at a time as batched products over an overlapping strided view of
     the padded input (no k-fold copy of what autograd keeps): ``∂K_p = G_p · X_pᵀ`` and ``∂X_p = K_pᵀ · G_p``, the
     latter added back into the padded input at each tap's shift.
+
+    Called through its :func:`~.precision.autocast_functions` twin (``torch.amp.custom_fwd`` / ``custom_bwd`` for the call's
+    device type) with both inputs already in the dtype :func:`carafe` computes in, so that backward runs with the
+    forward's autocast state and dtypes.
     """
 
     @staticmethod
-    def forward(features, kernels, kernel_size, scale, groups):
+    def forward(ctx, features, kernels, kernel_size, scale, groups):
+        ctx.save_for_backward(features, kernels)
+        ctx.kernel_size, ctx.scale, ctx.groups = kernel_size, scale, groups
         if scale == 1:
             return _carafe_by_taps(features, kernels, kernel_size, groups)
         return _carafe_by_windows(features, kernels, kernel_size, scale, groups)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        features, kernels, kernel_size, scale, groups = inputs
-        ctx.save_for_backward(features, kernels)
-        ctx.kernel_size, ctx.scale, ctx.groups = kernel_size, scale, groups
-
-    @staticmethod
     def backward(ctx, grad_output):
-        features, kernels = ctx.saved_tensors
-        grad_output = grad_output.to(features.dtype)
+        features, kernels = ctx.saved_tensors  # both in the forward's dtype; autograd gives grad_output in it too
         k, scale, groups = ctx.kernel_size, ctx.scale, ctx.groups
         batch, channels, height, width = features.shape
         radius = k // 2
@@ -189,7 +192,8 @@ class _Carafe(torch.autograd.Function):
             grad_kernels = grad_taps.permute(1, 2, 0, 7, 3, 5, 4, 6).reshape(kernels.shape)
         if ctx.needs_input_grad[0]:
             taps = _carafe_stack_kernels(kernels, groups, k, scale)
-            grad_stacked = torch.zeros_like(stacked)
+            # The k² shifted window gradients are summed in at least float32 (see _carafe_by_taps).
+            grad_stacked = torch.zeros_like(stacked, dtype=torch.promote_types(stacked.dtype, torch.float32))
             flat = grad_stacked.view(-1, stacked.shape[-1])
             for row in range(k):
                 grad_window = taps[row].transpose(1, 2) @ grad  # (positions, k, C/G)
@@ -198,8 +202,11 @@ class _Carafe(torch.autograd.Function):
                     flat[start : start + positions] += grad_window[:, col]
             images = grad_stacked[: batch * groups * rows].view(batch, groups, rows, cols, -1)
             grad_features = images[:, :, radius : radius + height, radius : radius + width].permute(0, 1, 4, 2, 3)
-            grad_features = grad_features.reshape(features.shape)
+            grad_features = grad_features.reshape(features.shape).to(features.dtype)
         return grad_features, grad_kernels, None, None, None
+
+
+_CARAFE = autocast_functions(_Carafe)
 
 
 def carafe(features: torch.Tensor, kernels: torch.Tensor, kernel_size: int, scale: int = 1, groups: int = 1):
@@ -225,12 +232,13 @@ def carafe(features: torch.Tensor, kernels: torch.Tensor, kernel_size: int, scal
             f"carafe: kernels of shape {tuple(kernels.shape)} do not fit features {tuple(features.shape)} "
             f"with kernel_size={kernel_size}, scale={scale}, groups={groups}"
         )
-    # Computed in the features' dtype (under autocast too, as an elementwise reassembly would be).
-    with torch.autocast(features.device.type, enabled=False):
-        kernels = kernels.to(features.dtype)
-        if torch.compiler.is_exporting():
-            return carafe_by_gather(features, kernels, kernel_size, scale, groups)
-        return _Carafe.apply(features, kernels, kernel_size, scale, groups)
+    # A matrix product of kernels and windows: in autocast's dtype under autocast (as conv2d / matmul run there),
+    # otherwise in the inputs' promoted dtype; the casts are no-ops when the inputs are in it already.
+    dtype = compute_dtype(features, kernels)
+    features, kernels = features.to(dtype), kernels.to(dtype)
+    if torch.compiler.is_exporting():
+        return carafe_by_gather(features, kernels, kernel_size, scale, groups)
+    return _CARAFE.get(features.device.type, _Carafe).apply(features, kernels, kernel_size, scale, groups)
 
 
 def carafe_by_gather(features: torch.Tensor, kernels: torch.Tensor, kernel_size: int, scale: int = 1, groups: int = 1):
@@ -287,11 +295,11 @@ def neighbour_cosine_similarity(features: torch.Tensor, dilation: int = 2) -> to
         features: `(B, C, H, W)`.
 
     Returns:
-        `(B, 8, H, W)`, neighbours in row-major order with the centre left out (computed in at least float32:
-        the ``1e-8`` guard of ``0 / 0`` at the image border underflows to zero in float16).
+        `(B, 8, H, W)`, neighbours in row-major order with the centre left out, in the features' dtype. The
+        ``1e-8`` guard of ``0 / 0`` at the image border rounds to zero in float16, whose guard is therefore its
+        smallest normal number (6.1e-5; the reference's float32 value otherwise).
     """
-    dtype = features.dtype
-    features = features.float() if dtype in (torch.float16, torch.bfloat16) else features
+    guard = max(1e-8, torch.finfo(features.dtype).tiny)
     height, width = features.shape[-2:]
     padded = F.pad(features, [dilation] * 4)
     rows, cols = padded.shape[-2:]
@@ -308,9 +316,8 @@ def neighbour_cosine_similarity(features: torch.Tensor, dilation: int = 2) -> to
     dots = torch.stack([dots[dy * dilation, dx * dilation] for dy, dx in _NEIGHBOURS], dim=1)
     # ‖f‖ as the root of the channel sum of squares (floored so that its gradient is finite at a zero vector,
     # where the 1e-8 guard of the product applies anyway); linalg.vector_norm is 10× slower over dim 1 on CPU.
-    norms = features.square().sum(dim=1, keepdim=True).clamp_min(1e-30).sqrt()
-    similarities = dots / (norms * _dilated_neighbours(norms, dilation)[:, 0]).clamp_min(1e-8)
-    return similarities.to(dtype)
+    norms = features.square().sum(dim=1, keepdim=True).clamp_min(max(1e-30, torch.finfo(features.dtype).tiny)).sqrt()
+    return dots / (norms * _dilated_neighbours(norms, dilation)[:, 0]).clamp_min(guard)
 
 
 # The 8 neighbours of the 3×3 window in row-major order, centre left out: (row, column) offsets in units of dilation.
@@ -408,34 +415,38 @@ class OffSegSimilaritySampler(nn.Module):
         lr_similarity = neighbour_cosine_similarity(lr_features)
         offset = self.offset(lr_similarity) + F.pixel_unshuffle(self.hr_offset(hr_similarity), self.scale)
         gate = self.direct_scale(lr_features) + F.pixel_unshuffle(self.hr_direct_scale(hr_features), self.scale)
-        offset = offset * gate.sigmoid() + self.initial_positions(offset.device, offset.dtype)
-        return self.sample(to_sample, offset)
+        return self.sample(to_sample, offset * gate.sigmoid())
 
     def sample(self, features: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Bilinear sampling (border padding) of `features (B, C, 2h, 2w)` at low-res pixel centres + `offset`.
+        """Bilinear sampling (border padding) of `features (B, C, 2h, 2w)` at low-res pixel centres + initial
+        sub-pixel positions + `offset`, returned in the features' dtype.
 
         `offset`: `(B, 2·groups·4, h, w)` in low-res pixel units, layout ``[xy][group][sub-pixel]``.
+
+        Precision: the grid and the sampling run in at least float32, whatever the features' dtype. A position is a
+        pixel centre (up to the map's width) plus a sub-pixel offset, and bfloat16 resolves 0.5 px between 64 and
+        128: computed in bfloat16, the grid of a 128×128 map moved the sampling points by up to 0.5 px
+        (``.to(bfloat16)`` OffSeg-T used to run so); a bfloat16 grid normalised to [-1, 1] is still off by up to
+        0.25 px at that width. ``grid_sample`` takes one dtype for both, so the features are cast for it.
         """
         batch, _, height, width = offset.shape
+        dtype = torch.promote_types(offset.dtype, torch.float32)
+        offset = offset.to(dtype) + self.initial_positions(offset.device, dtype)
         offset = offset.reshape(batch, 2, -1, height, width)
-        ys = torch.arange(height, device=offset.device, dtype=offset.dtype) + 0.5
-        xs = torch.arange(width, device=offset.device, dtype=offset.dtype) + 0.5
+        ys = torch.arange(height, device=offset.device, dtype=dtype) + 0.5
+        xs = torch.arange(width, device=offset.device, dtype=dtype) + 0.5
         centres = torch.stack([xs.view(1, width).expand(height, width), ys.view(height, 1).expand(height, width)])
-        size = torch.tensor([width, height], device=offset.device, dtype=offset.dtype).view(1, 2, 1, 1, 1)
+        size = torch.tensor([width, height], device=offset.device, dtype=dtype).view(1, 2, 1, 1, 1)
         grid = 2 * (centres.view(1, 2, 1, height, width) + offset) / size - 1
         grid = F.pixel_shuffle(grid.reshape(batch, -1, height, width), self.scale)
         grid = grid.reshape(batch, 2, self.groups, self.scale * height, self.scale * width)
         grid = grid.permute(0, 2, 3, 4, 1).flatten(0, 1)
-        grouped = features.reshape(batch * self.groups, -1, features.shape[-2], features.shape[-1])
+        grouped = features.reshape(batch * self.groups, -1, features.shape[-2], features.shape[-1]).to(dtype)
         if torch.compiler.is_exporting():
             sampled = grid_sample_by_gather(grouped, grid)
         else:
-            if grouped.dtype in (torch.float16, torch.bfloat16):
-                # torch 2.14's CPU grid_sample returns NaN in half precision for this channels-innermost view (the
-                # layout CARAFE returns); float32/64 read it correctly and faster than a transposed copy.
-                grouped = grouped.contiguous()
             sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return sampled.reshape(batch, -1, self.scale * height, self.scale * width)
+        return sampled.reshape(batch, -1, self.scale * height, self.scale * width).to(features.dtype)
 
 
 def grid_sample_by_gather(features: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -522,8 +533,9 @@ class OffSegFreqFusion(nn.Module):
         )
         lowpass_kernels = normalize_kernels(lowpass_kernels)
         # The low-res high-pass kernels and the low-res feature are upsampled by the same ALPF kernels: one CARAFE.
-        highpass_from_lr = self.highpass_encoder(lr_compressed).to(lr_features.dtype)
-        upsampled = carafe(torch.cat([highpass_from_lr, lr_features], dim=1), lowpass_kernels, low_k, scale=2)
+        dtype = compute_dtype(lr_features, lowpass_kernels)  # carafe's: concatenated in it, not cast after
+        highpass_from_lr = self.highpass_encoder(lr_compressed).to(dtype)
+        upsampled = carafe(torch.cat([highpass_from_lr, lr_features.to(dtype)], dim=1), lowpass_kernels, low_k, scale=2)
         highpass_kernels = highpass_from_hr + upsampled[:, : high_k * high_k]
         lr_upsampled = upsampled[:, high_k * high_k :]
         hr_features = 2 * hr_features - carafe(hr_features, normalize_kernels(highpass_kernels), high_k)

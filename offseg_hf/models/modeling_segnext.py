@@ -44,6 +44,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_segnext import MscanConfig, SegNextConfig
 from .loss import semantic_segmentation_loss
 from .offset_learning import OffsetLearning, check_num_labels
+from .precision import layer_scaled
 
 # --------------------------------------------------------------------------------------------------
 # MSCAN
@@ -154,9 +155,9 @@ class MscanBlock(GradientCheckpointingLayer):
         self.layer_scale_2 = nn.Parameter(torch.full((channels,), float(config.layer_scale_init_value)))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        attended = self.layer_scale_1[:, None, None] * self.attention(self.norm1(hidden_states))
+        attended = layer_scaled(self.layer_scale_1[:, None, None], self.attention(self.norm1(hidden_states)))
         hidden_states = hidden_states + self.drop_path(attended)
-        transformed = self.layer_scale_2[:, None, None] * self.mlp(self.norm2(hidden_states))
+        transformed = layer_scaled(self.layer_scale_2[:, None, None], self.mlp(self.norm2(hidden_states)))
         return hidden_states + self.drop_path(transformed)
 
 

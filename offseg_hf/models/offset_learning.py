@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .precision import compute_dtype
+
 
 def check_num_labels(num_labels: int | None, model_name: str) -> None:
     """The class count every model here needs, checked in one place: by each configuration when it is built and by
@@ -77,7 +79,8 @@ class OffsetLearning(nn.Module):
         Exported, it stays a Softmax (ONNX Runtime's kernel keeps its verification within 1e-4; a spelled-out
         sum over the pixels did not).
         """
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() or attention.dtype == torch.float16:
+            # float16 too: the unnormalised pooled sums (up to HW·|E|) overflow its range of 65504.
             return self.class_offset_proj(attention.softmax(dim=1).transpose(1, 2) @ pixels)
         weights = (attention - attention.amax(dim=1, keepdim=True)).exp()  # (B, HW, K)
         pooled = (weights.transpose(1, 2) @ pixels) / weights.sum(dim=1).unsqueeze(-1)
@@ -109,6 +112,8 @@ class OffsetLearning(nn.Module):
             class_embeddings: W as `(K, C)` (shared) or `(B, K, C)` (per image).
         """
         self._check(pixel_embeddings, class_embeddings)
+        # W in the products' dtype (autocast's under autocast): W + ΔW would otherwise be promoted to float32.
+        class_embeddings = class_embeddings.to(compute_dtype(pixel_embeddings, class_embeddings))
         batch, channels, height, width = pixel_embeddings.shape
         pixels = pixel_embeddings.flatten(2).transpose(1, 2)  # E: (B, HW, C)
         attention = self.coupled_attention(pixels, class_embeddings)  # Aᵀ: (B, HW, K)
@@ -129,6 +134,7 @@ class OffsetLearning(nn.Module):
     def _scores(self, pixel_embeddings: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
         """``E'·W'ᵀ`` as `(B, HW, K)`, re-associated as described in :meth:`masks`."""
         self._check(pixel_embeddings, class_embeddings)
+        class_embeddings = class_embeddings.to(compute_dtype(pixel_embeddings, class_embeddings))  # see align()
         pixels = pixel_embeddings.flatten(2).transpose(1, 2)  # E: (B, HW, C)
         attention = self.coupled_attention(pixels, class_embeddings)  # Aᵀ: (B, HW, K)
         aligned = (class_embeddings + self.class_offset(attention, pixels)).transpose(1, 2)  # W'ᵀ: (B, C, K)
