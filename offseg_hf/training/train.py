@@ -1080,6 +1080,13 @@ def build_trainer(config: TrainConfig, quiet: bool = False):
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=callbacks,
     )
+    if (args.fp16 or args.bf16) and not trainer.accelerator.native_amp:
+        # accelerate then trains in float32 without a word; a user who asked for mixed precision should know
+        raise ValueError(
+            f"--{'fp16' if args.fp16 else 'bf16'} mixed precision is not available on this device "
+            f"({trainer.accelerator.device}): accelerate runs float16 autocast only on GPUs (CUDA, XPU, NPU, MPS) "
+            "and bfloat16 where torch supports it; use --bf16 on a CPU, or drop the flag to train in float32"
+        )
     if quiet:
         trainer.remove_callback(PrinterCallback)
     return trainer, processor
