@@ -101,7 +101,7 @@ class _Quiet:
     that fails re-raises after printing what it had written, so the culprit is visible."""
 
     def __init__(self, debug: bool):
-        self.debug = debug
+        self.debug, self.hidden_lines = debug, 0
 
     def __enter__(self):
         import logging
@@ -132,10 +132,10 @@ class _Quiet:
     def step(self, what: str):
         import contextlib
 
-        return contextlib.nullcontext() if self.debug else _silenced(what)
+        return contextlib.nullcontext() if self.debug else _silenced(what, self)
 
 
-def _silenced(what: str):
+def _silenced(what: str, quiet: _Quiet):
     import contextlib
     import io
     import os
@@ -163,6 +163,8 @@ def _silenced(what: str):
                 raise
             else:
                 _restore(saved)
+                sink.seek(0)
+                quiet.hidden_lines += len((sink.read().decode(errors="replace") + buffer.getvalue()).splitlines())
 
     return manager()
 
@@ -197,8 +199,8 @@ class _Builder:
     """Builds the ``pixel_values → float32 logits`` function of each path for one model (``name``), caching the
     shared steps (PT2E quantisation, ONNX export); ``setup`` collects the seconds of the slow steps."""
 
-    def __init__(self, name, model, processor, args, quiet, work_dir):
-        self.name, self.model, self.processor, self.args, self.quiet = name, model, processor, args, quiet
+    def __init__(self, name, role, model, processor, args, quiet, work_dir):
+        self.name, self.role, self.model, self.processor, self.args, self.quiet = name, role, model, processor, args, quiet
         self.work_dir, self.setup, self._cache = work_dir, {}, {}
 
     def _timed(self, what, function):
@@ -223,7 +225,7 @@ class _Builder:
         from offseg_hf.deploy.onnx_export import export_onnx
 
         if "onnx" not in self._cache:
-            path = f"{self.work_dir}/{self.name}.onnx"
+            path = f"{self.work_dir}/{self.role}.onnx"
             self._timed("ONNX export", lambda: export_onnx(self.model, path, processor=self.processor,
                                                            dynamic_size=True, size=(size, size), verify=False))
             self._cache["onnx"] = path
@@ -233,7 +235,7 @@ class _Builder:
         from offseg_hf.deploy.quantization import calibration_batches, quantize_onnx
 
         if "onnx-int8" not in self._cache:
-            source, target = self._onnx(size), f"{self.work_dir}/{self.name}-int8.onnx"
+            source, target = self._onnx(size), f"{self.work_dir}/{self.role}-int8.onnx"
             calibration = calibration_batches(self.processor, num_batches=4, batch_size=1, size=(size, size))
             self._timed("ONNX Runtime int8 quantisation", lambda: quantize_onnx(source, target, calibration))
             self._cache["onnx-int8"] = target
@@ -370,7 +372,8 @@ def _training(args, names, size, runs, say):
         torch.manual_seed(0)
         model = build_model(name)
         for precision, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16)):
-            step = training_step(copy.deepcopy(model), batch_size=2, size=size, autocast_dtype=dtype)
+            step = training_step(copy.deepcopy(model), batch_size=2, size=size, num_labels=model.config.num_labels,
+                                 autocast_dtype=dtype)
             loss = float(step())  # the first step: same weights, same batch for both precisions
             results[name, precision] = {"loss": loss}
             steps[name, precision] = step
@@ -418,6 +421,12 @@ class _Network:
 
 
 # --------------------------------------------------------------------------------------------------- the table
+def _ms(seconds: float) -> str:
+    """Milliseconds to three significant digits (no exponent)."""
+    milliseconds = 1000 * seconds
+    return f"{milliseconds:.0f}" if milliseconds >= 100 else f"{milliseconds:.{2 - (milliseconds >= 10)}f}"
+
+
 def format_table(results, keys, model, baseline, miou=None) -> str:
     """Markdown table of :func:`_measure_group` results (see the module's docstring for the columns)."""
     import statistics
@@ -435,7 +444,7 @@ def format_table(results, keys, model, baseline, miou=None) -> str:
         drift = f"{100 * result['agreement']:.2f} %"
         if miou and (name, key) in miou and (name, "eager") in miou:
             drift += f", mIoU {miou[name, key] - miou[name, 'eager']:+.1f}"
-        return [f"{1000 * latency:.0f}", f"{median_ratio(values, eager):.2f}", f"{1000 * result['floor']:.0f}",
+        return [_ms(latency), f"{median_ratio(values, eager):.2f}", _ms(result["floor"]),
                 f"{latency / result['floor']:.2f}" if result["floor"] > 0 else "–", drift]
 
     header = ["path", "size, rounds"]
@@ -517,10 +526,10 @@ def _run(args, quiet) -> int:
     if len(set(names)) != 2:
         raise ValueError(f"--model and --baseline must differ (both {args.model!r})")
     builders = []
-    for name in names:
+    for name, role in zip(names, ("model", "baseline")):
         torch.manual_seed(0)
         model = prepare_for_inference(build_model(name))
-        builders.append(_Builder(name, model, processor, args, quiet, work_dir))
+        builders.append(_Builder(name, role, model, processor, args, quiet, work_dir))
 
     groups = {}
     for key in keys:
@@ -544,10 +553,10 @@ def _run(args, quiet) -> int:
         from offseg_hf.inference.predict import load_model
 
         trained_builders = []
-        for name, folder in zip(names, (args.trained, args.trained_baseline)):
+        for name, role, folder in zip(names, ("model", "baseline"), (args.trained, args.trained_baseline)):
             if folder:
                 trained, trained_processor = load_model(folder, device="cpu")
-                trained_builders.append(_Builder(name, trained, trained_processor, args, quiet,
+                trained_builders.append(_Builder(name, role, trained, trained_processor, args, quiet,
                                                  tempfile.mkdtemp(prefix="offseg-deploy-trained-", dir=work_dir)))
         say("mIoU on the synthetic validation set (64² scenes):")
         miou = _miou(args, trained_builders, 64, keys, say)
@@ -588,6 +597,9 @@ def _run(args, quiet) -> int:
     setup = [f"{b.name} {what} {seconds:.0f}" for b in builders for what, seconds in b.setup.items()]
     if setup:
         print("\nsetup (s): " + ", ".join(setup))
+    if not args.debug:
+        print(f"quiet: {quiet.hidden_lines} lines the libraries printed (exporter, quantisers, inductor, ONNX Runtime) "
+              "are hidden; --debug shows them")
     return 0
 
 
@@ -602,9 +614,9 @@ def _print_targets(results, model, baseline, median_ratio):
         ratio = median_ratio(a["times"], b["times"])
         over_floor = statistics.median(a["times"]) / a["floor"] if a["floor"] > 0 else float("inf")
         print(f"{PATHS[key][0]}: {model} ÷ {baseline} {ratio:.2f} (target ≤ {against}); {model} ÷ its own conv+matmul "
-              f"floor {over_floor:.2f} (target ≤ {floor_target}; floor {1000 * a['floor']:.0f} ms"
-              + (f" of {1000 * a['nodes']:.0f} ms in all nodes" if "nodes" in a else "") + f"; {baseline}'s floor "
-              f"{1000 * b['floor']:.0f} ms" + (f" of {1000 * b['nodes']:.0f} ms" if "nodes" in b else "") + ")")
+              f"floor {over_floor:.2f} (target ≤ {floor_target}; floor {_ms(a['floor'])} ms"
+              + (f" of {_ms(a['nodes'])} ms in all nodes" if "nodes" in a else "") + f"; {baseline}'s floor "
+              f"{_ms(b['floor'])} ms" + (f" of {_ms(b['nodes'])} ms" if "nodes" in b else "") + ")")
 
 
 if __name__ == "__main__":
