@@ -100,8 +100,8 @@ class _Quiet:
     ``sys.stdout`` / ``sys.stderr`` and to file descriptors 1 and 2 (the exporters' prints, C++ warnings). A step
     that fails re-raises after printing what it had written, so the culprit is visible."""
 
-    def __init__(self, debug: bool):
-        self.debug, self.hidden_lines = debug, 0
+    def __init__(self, debug: bool, log: str | None = None):
+        self.debug, self.hidden_lines, self.log = debug, 0, log
 
     def __enter__(self):
         import logging
@@ -137,7 +137,6 @@ class _Quiet:
 
 def _silenced(what: str, quiet: _Quiet):
     import contextlib
-    import io
     import os
     import sys
     import tempfile
@@ -146,27 +145,40 @@ def _silenced(what: str, quiet: _Quiet):
     def manager():
         sys.stdout.flush()
         sys.stderr.flush()
-        buffer = io.StringIO()
+        if quiet.log is None:
+            quiet.log = tempfile.mkstemp(prefix="offseg-deploy-", suffix=".log")[1]
         saved = [os.dup(1), os.dup(2)]
-        with tempfile.TemporaryFile(mode="w+b") as sink:
+        # Everything goes to the log as it is written: a crash inside the step (no Python exception) leaves its
+        # messages there.
+        with open(quiet.log, "ab") as sink, open(quiet.log, "a", buffering=1, errors="replace") as text:
+            sink.write(f"--- {what}\n".encode())
+            sink.flush()
+            start = sink.tell()
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
             try:
-                with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+                with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
                     yield
             except BaseException:
+                text.flush()
                 _restore(saved)
-                sink.seek(0)
-                text = sink.read().decode(errors="replace") + buffer.getvalue()
-                if text.strip():
-                    print(f"[{what} failed; what it printed (last 3000 characters):]\n{text[-3000:]}", file=sys.stderr)
+                printed = _read_from(quiet.log, start)
+                if printed.strip():
+                    print(f"[{what} failed; what it printed (last 3000 characters, all in {quiet.log}):]\n"
+                          f"{printed[-3000:]}", file=sys.stderr)
                 raise
             else:
+                text.flush()
                 _restore(saved)
-                sink.seek(0)
-                quiet.hidden_lines += len((sink.read().decode(errors="replace") + buffer.getvalue()).splitlines())
+                quiet.hidden_lines += len(_read_from(quiet.log, start).splitlines())
 
     return manager()
+
+
+def _read_from(path, offset: int) -> str:
+    with open(path, "rb") as file:
+        file.seek(offset)
+        return file.read().decode(errors="replace")
 
 
 def _restore(saved):
@@ -465,7 +477,16 @@ def format_table(results, keys, model, baseline, miou=None) -> str:
 
 
 def run(args) -> int:
-    with _Quiet(args.debug) as quiet:
+    import os
+    import sys
+    import tempfile
+
+    args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="offseg-deploy-")
+    os.makedirs(args.work_dir, exist_ok=True)
+    log = os.path.join(args.work_dir, "library-messages.log")
+    if not args.debug:
+        print(f"(library messages go to {log}; --debug shows them here)", file=sys.stderr, flush=True)
+    with _Quiet(args.debug, log) as quiet:
         with quiet.step("imports"):
             import torch  # noqa: F401 - imported here so that its import-time warnings are silenced too
 
@@ -475,7 +496,6 @@ def run(args) -> int:
 
 
 def _run(args, quiet) -> int:
-    import os
     import statistics
     import sys
     import tempfile
@@ -519,8 +539,7 @@ def _run(args, quiet) -> int:
         notes.append("no VNNI / AMX-INT8 on this CPU: int8 products widen to int16 (AVX2 vpmaddubsw), a smaller gain")
 
     processor = build_image_processor()
-    work_dir = args.work_dir or tempfile.mkdtemp(prefix="offseg-deploy-")
-    os.makedirs(work_dir, exist_ok=True)
+    work_dir = args.work_dir
     torch.manual_seed(0)
     names = [args.model, args.baseline]
     if len(set(names)) != 2:
@@ -599,7 +618,7 @@ def _run(args, quiet) -> int:
         print("\nsetup (s): " + ", ".join(setup))
     if not args.debug:
         print(f"quiet: {quiet.hidden_lines} lines the libraries printed (exporter, quantisers, inductor, ONNX Runtime) "
-              "are hidden; --debug shows them")
+              f"are hidden (in {quiet.log}); --debug shows them")
     return 0
 
 
