@@ -33,12 +33,9 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    import os
-    import platform
-
     import torch
 
-    from benchmarks.models import format_device_table, format_table, run_benchmark, run_device_benchmark
+    from benchmarks.models import cpu_facts, format_device_table, format_table, run_benchmark, run_device_benchmark
 
     if args.device != "cpu":
         if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -56,13 +53,12 @@ def run(args) -> int:
         baseline=args.baseline, train_runs=args.train_runs, compile=args.compile, memory=args.memory,
         products=args.products,
     )
-    load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
     print(
         f"batch 1, {args.size}×{args.size}, float32, eval (BatchNorm folded), {torch.get_num_threads()} threads, "
         f"{args.runs} interleaved rounds after {args.warmup} warm-ups (ratios: median of per-round ratios); "
-        f"training: AdamW step at batch 2; torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"load average at the end {load}"
+        f"training: AdamW step at batch 2; torch {torch.__version__}"
     )
+    print(f"CPU at the end: {cpu_facts().line()}")
     print(format_table(rows, baseline=args.baseline))
     return 0
 

@@ -33,6 +33,15 @@ _MATMUL_OPS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "_scaled_dot_product_f
                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
 # Profiler names of the operators product_seconds sums: the counted ones, their in-place / composite / oneDNN forms.
 _PRODUCT_OPS = _CONV_OPS | _MATMUL_OPS | {"conv_transpose2d", "baddbmm_", "linear", "_linear_pointwise", "_mkl_linear"}
+# int8 products of a PT2E model compiled by inductor (oneDNN): ``onednn::qconv2d_pointwise``, ``qlinear_pointwise``…
+_INT8_PRODUCT_PREFIXES = ("qconv", "qlinear")
+# ONNX Runtime operators whose kernels are convolutions or matrix products (substrings of the node's op_name):
+# Conv, ConvTranspose, FusedConv, NhwcFusedConv, QLinearConv, ConvInteger, MatMul, FusedMatMul, QLinearMatMul,
+# MatMulInteger, MatMulIntegerToFloat, Gemm, FusedGemm, QGemm. A fused activation rides along with its product.
+ORT_PRODUCT_OPS = ("Conv", "MatMul", "Gemm")
+# CPU flags of the vector / matrix units that decide which precisions run natively.
+CPU_UNIT_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_int8", "avx512_vnni",
+                  "avx_vnni")
 
 
 @dataclass
@@ -136,26 +145,127 @@ def count_operators(function: Callable[[torch.Tensor], object], pixel_values: to
     return counter.count
 
 
-def product_seconds(function: Callable[[], object], runs: int = 3) -> float:
+def product_seconds(function: Callable[[], object], runs: int = 3, warmup: bool = True) -> float:
     """Seconds per call that ``function`` spends in convolutions and matrix products (profiler self CPU time of
     the aten / oneDNN convolution and ``mm``-family operators, and of inductor's external calls to them).
 
     A floor for the model's latency on this machine: whatever the rest costs, a forward cannot be faster than its
     products at the rate the libraries (oneDNN, MKL) run them. The profiler adds overhead per operator, so this
-    is an upper estimate of that floor, not of the latency.
+    is an upper estimate of that floor, not of the latency. ``warmup=False`` skips the untimed first call (for
+    calls of many seconds, e.g. bfloat16 on a CPU without bfloat16 units, where set-up costs do not matter).
     """
     from torch.profiler import ProfilerActivity, profile
 
-    function()
+    if warmup:
+        function()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         for _ in range(runs):
             function()
     total = 0.0
     for event in profiler.key_averages():
         name = event.key.split("::")[-1]
-        if "convolution" in name or name.startswith("_scaled_dot_product") or name in _PRODUCT_OPS:
+        if ("convolution" in name or name.startswith("_scaled_dot_product") or name in _PRODUCT_OPS
+                or name.startswith(_INT8_PRODUCT_PREFIXES)):
             total += event.self_cpu_time_total
     return total / runs / 1e6
+
+
+def ort_product_seconds(path: str | os.PathLike, pixel_values, threads: int | None = None, runs: int = 3
+                        ) -> tuple[float, float]:
+    """``(products, all nodes)``: seconds per run that ONNX Runtime spends in the kernels of convolution and matrix
+    product nodes (:data:`ORT_PRODUCT_OPS`: int8 and fused forms included), and in all nodes, from its profiler
+    (``SessionOptions.enable_profiling``: one ``Node`` event with ``dur`` µs per kernel run), after one untimed run.
+
+    The ONNX Runtime counterpart of :func:`product_seconds`: what the file's products cost at the rate of ONNX
+    Runtime's kernels (MLAS) on this machine, with the graph as ONNX Runtime optimised it when loading.
+    """
+    import json
+    import tempfile
+
+    import numpy as np
+    import onnxruntime
+
+    pixel_values = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32))
+    with tempfile.TemporaryDirectory(prefix="offseg-ort-profile-") as folder:
+        options = onnxruntime.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(folder, "profile")
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: pixel_values}
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        with open(session.end_profiling()) as file:
+            events = json.load(file)
+    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    if len(model_runs) != runs + 1:
+        raise RuntimeError(f"{path}: ONNX Runtime's profile holds {len(model_runs)} model_run events, expected {runs + 1}")
+    timed_from = model_runs[0]["ts"] + model_runs[0]["dur"]  # leave out the first (untimed) run
+    products = nodes = 0
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time") or event["ts"] < timed_from:
+            continue
+        nodes += event["dur"]
+        if any(kind in event.get("args", {}).get("op_name", "") for kind in ORT_PRODUCT_OPS):
+            products += event["dur"]
+    return products / runs / 1e6, nodes / runs / 1e6
+
+
+@dataclass
+class CpuFacts:
+    """What decides CPU speed per precision: the model name, logical CPUs, the vector / matrix unit flags
+    (:data:`CPU_UNIT_FLAGS`, from ``/proc/cpuinfo``) and the load average."""
+
+    model: str
+    logical_cpus: int
+    flags: dict[str, bool]
+    load: tuple[float, float, float] | None
+
+    @property
+    def bf16_units(self) -> bool:
+        """bfloat16 products in hardware (AVX512-BF16 or AMX-BF16); otherwise oneDNN converts to float32."""
+        return self.flags.get("avx512_bf16", False) or self.flags.get("amx_bf16", False)
+
+    @property
+    def fp16_units(self) -> bool:
+        """float16 products in hardware (AVX512-FP16 or AMX-FP16)."""
+        return self.flags.get("avx512_fp16", False) or self.flags.get("amx_fp16", False)
+
+    @property
+    def int8_dot_units(self) -> bool:
+        """int8 dot products in hardware (VNNI or AMX-INT8); without them int8 kernels widen to int16 (AVX2)."""
+        return any(self.flags.get(flag, False) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+    def line(self) -> str:
+        units = ", ".join(flag for flag, present in self.flags.items() if present) or "none of " + "/".join(self.flags)
+        missing = ", ".join(flag for flag, present in self.flags.items() if not present)
+        load = "n/a" if self.load is None else " / ".join(f"{value:.2f}" for value in self.load)
+        return (f"{self.model}, {self.logical_cpus} logical CPUs; units: {units}" + (f" (no {missing})" if missing else "")
+                + f"; load average (1/5/15 min) {load}")
+
+
+def cpu_facts() -> CpuFacts:
+    """The :class:`CpuFacts` of this machine (``/proc/cpuinfo`` on Linux; elsewhere the model from ``platform``
+    and no flags known)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.processor() or platform.machine()):
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return CpuFacts(model=model, logical_cpus=os.cpu_count() or 0, flags={f: f in flags for f in CPU_UNIT_FLAGS},
+                    load=load)
 
 
 class Timer:
@@ -207,19 +317,25 @@ def measure_latency(
         return interleaved_times({"model": lambda: function(pixel_values)}, runs, warmup)["model"]
 
 
-def training_step(model: nn.Module, batch_size: int = 2, size: int = 512, num_labels: int = 150, device="cpu"):
-    """A closure running one AdamW step (forward with labels, backward, update) on fixed random data."""
+def training_step(model: nn.Module, batch_size: int = 2, size: int = 512, num_labels: int = 150, device="cpu",
+                  autocast_dtype: torch.dtype | None = None):
+    """A closure running one AdamW step (forward with labels, backward, update) on fixed random data; it returns
+    the step's loss (detached). ``autocast_dtype`` runs the forward under ``torch.autocast`` in that precision."""
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(batch_size, 3, size, size, generator=generator).to(device)
     labels = torch.randint(0, num_labels, (batch_size, size, size), generator=generator).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # the training recipe's optimiser
     model.train()
 
+    device_type = torch.device(device).type
+
     def step():
-        loss = model(pixel_values=pixel_values, labels=labels).loss
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = model(pixel_values=pixel_values, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
 
@@ -557,6 +673,9 @@ def format_device_table(rows: list[DeviceRow], baseline: str = "segformer-b0") -
 
 __all__ = [
     "BenchmarkRow",
+    "CpuFacts",
+    "cpu_facts",
+    "ort_product_seconds",
     "DeviceRow",
     "Timer",
     "count_operators",

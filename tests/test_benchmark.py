@@ -1,6 +1,8 @@
 """MAC counting against the reference statistics (fvcore counts of the reference network)."""
 
+import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -123,3 +125,90 @@ def test_timer_and_interleaving():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'segformer-b9'"):
         build_model("segformer-b9")
+
+
+# ----------------------------------------------------------------------------------------- benchmarks.deploy
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """Folders of two tiny transformers SegFormers (5 classes, different widths) as the deploy table's model and
+    baseline: the table does not depend on the model type, and their ONNX exports take seconds where an OffSeg's
+    (tiny or not) takes over a minute."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    root = tmp_path_factory.mktemp("deploy-models")
+    for name, hidden in (("tiny-a", [8, 16, 16, 32]), ("tiny-b", [8, 8, 16, 16])):
+        torch.manual_seed(0)
+        SegformerForSemanticSegmentation(SegformerConfig(
+            hidden_sizes=hidden, depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2], decoder_hidden_size=16,
+            num_labels=5,
+        )).save_pretrained(root / name)
+    return str(root / "tiny-a"), str(root / "tiny-b")
+
+
+_NOISE = re.compile(r"warn|\[torch\.onnx\]|^[WE]\d{4} |onnxruntime", re.IGNORECASE | re.MULTILINE)
+
+
+def test_deploy_table_has_every_requested_row_and_column_and_is_quiet(tiny_pair, tmp_path, capfd):
+    from benchmarks import deploy
+    from offseg_hf.cli import run_tool
+
+    paths = ["bf16-autocast", "bf16-weights", "fp16-autocast", "int8-pt2e", "ort-fp32", "ort-int8", "compiled-fp32"]
+    model, baseline = tiny_pair
+    assert run_tool(deploy, [
+        "--model", model, "--baseline", baseline, "--size", "64", "--runs", "1", "--warmup", "0", "--scenes", "1",
+        "--floor-runs", "1", "--work-dir", str(tmp_path), "--paths", *paths, "--train", "--train-size", "64",
+    ]) == 0
+    out, err = capfd.readouterr()
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| path |"))
+    for name in tiny_pair:
+        for column in (f"{name} ms", "× own fp32", "floor ms", "÷ floor", "drift (agreement)"):
+            assert column in header
+    assert header.count("floor ms") == 2 and f"{model} ÷ {baseline}" in header
+    table = itertools.takewhile(lambda line: line.startswith("| "), lines[lines.index(header) + 2:])
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table}
+    assert list(rows) == [deploy.PATHS[key][0] for key in ["eager", *paths]]
+    assert all(len(cells) == header.count("|") - 2 and "failed" not in "".join(cells) for cells in rows.values())
+    assert all(float(cells[3]) > 0 and float(cells[8]) > 0 for cells in rows.values())  # both conv+matmul floors
+    assert [cells[2].strip() for cells in rows.values()][0] == "1.00"  # eager against itself
+    cpu = next(line for line in lines if line.startswith("CPU: "))
+    assert "load average" in cpu and "avx512_bf16" in cpu
+    assert "ONNX Runtime fp32: " in out and "in all nodes" in out  # the ORT node-time floor of both models
+    assert "compiled fp32 (inductor): " in out
+    training = lines[next(i for i, line in enumerate(lines) if line.startswith("| precision |")) + 2:][:2]
+    assert [line.split("|")[1].strip() for line in training] == ["fp32", "bf16 autocast"]
+    # Quiet: the exporter, quantisers, inductor and ONNX Runtime did print (hidden, counted), and none of it shows.
+    hidden = re.search(r"quiet: (\d+) lines the libraries printed", out)
+    assert hidden and int(hidden.group(1)) > 0
+    assert not _NOISE.search(out + err), _NOISE.search(out + err).group(0)
+
+
+def test_cpu_facts_and_precision_support():
+    from benchmarks.deploy import precision_support
+    from benchmarks.models import CPU_UNIT_FLAGS, cpu_facts
+
+    facts = cpu_facts()
+    assert tuple(facts.flags) == CPU_UNIT_FLAGS and facts.model and facts.logical_cpus >= 1
+    assert facts.bf16_units == (facts.flags["avx512_bf16"] or facts.flags["amx_bf16"])
+    assert facts.model in facts.line() and "load average" in facts.line()
+    assert precision_support(torch.bfloat16) is None  # torch runs CPU bf16 autocast everywhere
+    assert "int64" in precision_support(torch.int64)  # not an autocast type: the reason names it
+
+
+def test_ort_product_seconds_counts_convolution_nodes_only(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    from benchmarks.models import ort_product_seconds
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 3, 3, 3), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Exp", ["x"], ["e"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, None), helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "conv.onnx")
+    products, nodes = ort_product_seconds(tmp_path / "conv.onnx", np.ones((1, 3, 64, 64), np.float32), runs=2)
+    assert 0 < products < nodes  # the Exp node counts in all nodes, not in the products
