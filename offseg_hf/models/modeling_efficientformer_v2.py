@@ -147,9 +147,11 @@ class EfficientFormerV2RelativePositionBias(nn.Module):
             return bias
         return F.interpolate(bias, size=(num_queries, num_keys), mode="bicubic", align_corners=False)
 
-    def forward(self, num_queries: int, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
-        """Returns the bias of shape `(1, heads, num_queries, num_keys)` in ``dtype`` (the attention logits', so
-        that a float32 table does not promote bfloat16 logits under autocast; cached in that dtype)."""
+    def forward(self, num_queries: int, num_keys: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Returns the bias of shape `(1, heads, num_queries, num_keys)` in ``dtype`` (the attention uses its logits'
+        dtype, so that a float32 table does not promote bfloat16 logits under autocast; cached in that dtype), by
+        default the table's."""
+        dtype = self.attention_biases.dtype if dtype is None else dtype
         if torch.compiler.is_compiling():  # torch.export keeps the size-independent graph; torch.compile guards on it
             return self._resized(num_queries, num_keys, skip_identity=not torch.compiler.is_exporting()).to(dtype)
         if torch.is_grad_enabled():
