@@ -194,12 +194,16 @@ def _restore(saved):
 def precision_support(dtype) -> str | None:
     """``None`` when torch runs CPU autocast in ``dtype`` (tried on a tiny convolution and matrix product), else the
     reason it does not."""
+    import warnings
+
     import torch
 
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-            out = torch.nn.functional.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3))
-            out = out.flatten(1) @ torch.randn(out.flatten(1).shape[1], 2)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unsupported dtype warns and disables autocast: reported below
+            with torch.autocast("cpu", dtype=dtype):
+                out = torch.nn.functional.conv2d(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3))
+                out = out.flatten(1) @ torch.randn(out.flatten(1).shape[1], 2)
         if out.dtype != dtype:
             return f"autocast returned {out.dtype}, not {dtype}"
     except Exception as error:  # noqa: BLE001 - the reason is reported in the table
