@@ -28,11 +28,16 @@ from __future__ import annotations
 import torch
 
 
+# The device types whose autocast the custom Functions follow (torch.amp's custom_fwd / custom_bwd take one each);
+# other devices (``meta``, used to count operations) have no autocast state to ask.
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype a matrix-product-like operation on ``tensors`` runs in: autocast's dtype when autocast is enabled
     for their device type, otherwise their promoted dtype (what ``torch.bmm`` would need them cast to)."""
     device_type = tensors[0].device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     dtype = tensors[0].dtype
     for tensor in tensors[1:]:
@@ -44,10 +49,6 @@ def layer_scaled(layer_scale: torch.Tensor, branch: torch.Tensor) -> torch.Tenso
     """``layer_scale · branch`` in the branch's dtype: a float32 scale would promote a bfloat16 residual stream
     to float32 under autocast, and every following product would cast it back."""
     return layer_scale.to(branch.dtype) * branch
-
-
-# The device types whose autocast the custom Functions follow (torch.amp's custom_fwd / custom_bwd take one each).
-AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
 
 
 def autocast_functions(function: type[torch.autograd.Function]) -> dict[str, type[torch.autograd.Function]]:
