@@ -264,7 +264,7 @@ class EfficientFormerV2Attention(nn.Module):
         # Talking heads mix the heads before and after the softmax, so this is not a plain softmax attention
         # and always runs eagerly (the downsampling attention below uses Transformers' attention interface).
         attention = query @ key
-        attention = attention * self.scale + self.relative_position(tokens, tokens, attention.dtype)
+        attention = attention * self.scale + self.relative_position(tokens, tokens, compute_dtype(query))
         attention = self.talking_head2(self.talking_head1(attention).softmax(dim=-1))
         context = (attention @ value).transpose(2, 3).reshape(batch, -1, height, width) + value_local
         if self.stride_conv is not None:
@@ -326,9 +326,8 @@ class EfficientFormerV2AttentionDownsample(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        context, attention = attention_interface(
-            self, query, key, value, self.relative_position(num_queries, num_keys, compute_dtype(query)), scaling=self.scale, **kwargs
-        )  # context: (B, N_q, heads, d_v)
+        bias = self.relative_position(num_queries, num_keys, compute_dtype(query))
+        context, attention = attention_interface(self, query, key, value, bias, scaling=self.scale, **kwargs)  # context: (B, N_q, heads, d_v)
         context = context.permute(0, 2, 3, 1).reshape(batch, -1, height // 2, width // 2) + value_local
         return self.proj(self.act(context)), attention
 

@@ -299,7 +299,8 @@ def neighbour_cosine_similarity(features: torch.Tensor, dilation: int = 2) -> to
         ``1e-8`` guard of ``0 / 0`` at the image border rounds to zero in float16, whose guard is therefore its
         smallest normal number (6.1e-5; the reference's float32 value otherwise).
     """
-    guard = max(1e-8, torch.finfo(features.dtype).tiny)
+    tiny = torch.finfo(features.dtype).tiny
+    guard = max(1e-8, tiny)
     height, width = features.shape[-2:]
     padded = F.pad(features, [dilation] * 4)
     rows, cols = padded.shape[-2:]
@@ -316,7 +317,7 @@ def neighbour_cosine_similarity(features: torch.Tensor, dilation: int = 2) -> to
     dots = torch.stack([dots[dy * dilation, dx * dilation] for dy, dx in _NEIGHBOURS], dim=1)
     # ‖f‖ as the root of the channel sum of squares (floored so that its gradient is finite at a zero vector,
     # where the 1e-8 guard of the product applies anyway); linalg.vector_norm is 10× slower over dim 1 on CPU.
-    norms = features.square().sum(dim=1, keepdim=True).clamp_min(max(1e-30, torch.finfo(features.dtype).tiny)).sqrt()
+    norms = features.square().sum(dim=1, keepdim=True).clamp_min(max(1e-30, tiny)).sqrt()
     return dots / (norms * _dilated_neighbours(norms, dilation)[:, 0]).clamp_min(guard)
 
 
