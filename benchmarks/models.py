@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from offseg_hf.models.modeling_efficientformer_v2 import fold_batch_norm
 from offseg_hf.models.modeling_offseg import OffSegFreqFusion
+from offseg_hf.models.offset_learning import OffsetLearning
 
 _CONV_OPS = {"convolution", "_convolution", "conv2d", "mkldnn_convolution"}
 _MATMUL_OPS = {"mm", "bmm", "addmm", "baddbmm", "matmul", "_scaled_dot_product_flash_attention",
@@ -82,13 +83,19 @@ def count_macs(model: nn.Module, pixel_values: torch.Tensor) -> MacCount:
         carafe += freqfusion_carafe_macs(module, hr_features.shape, lr_features.shape[1])
 
     hooks = [m.register_forward_hook(on_fusion) for m in model.modules() if isinstance(m, OffSegFreqFusion)]
+    # Offset learning's products on K itself, not on K rounded up for the kernels (OffsetLearning.class_multiple).
+    offset_learning = [m for m in model.modules() if isinstance(m, OffsetLearning)]
     counter = FlopCounterMode(display=False)
     try:
+        for module in offset_learning:
+            module.class_multiple = 1
         with torch.no_grad(), counter:
             model(pixel_values)
     finally:
         for hook in hooks:
             hook.remove()
+        for module in offset_learning:
+            del module.class_multiple  # back to the class's value
     counts = counter.get_flop_counts()
     for op in counts["Global"]:
         if _op_name(op) not in _CONV_OPS | _MATMUL_OPS:
