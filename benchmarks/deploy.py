@@ -401,16 +401,20 @@ def _training(args, names, size, runs, say):
 
 
 def _miou(args, builders_for_trained, processor_size, keys, say):
-    """mIoU on the synthetic validation set of each path of the trained model(s): ``{(model, key): mIoU %}``."""
+    """mIoU on the synthetic validation set of each path of the trained model(s), and the arg-max agreement of each
+    path with eager fp32 on those same images (the scenes the model was trained for, where the random-scene
+    agreement of the table also counts pixels the model has no opinion on): ``({(model, key): mIoU %},
+    {(model, key): agreement})``."""
     from offseg_hf.data.synthetic import load_synthetic
     from offseg_hf.evaluation.evaluate import evaluate_model, protocol_for
 
-    miou = {}
+    miou, agreement = {}, {}
     for builder in builders_for_trained:
         config = builder.model.config
         validation = load_synthetic("validation", num_labels=config.num_labels, num_samples=args.eval_samples,
                                     image_size=processor_size)
-        for key in keys:
+        reference = None
+        for key in ["eager", *[key for key in keys if key != "eager"]]:
             if key in COMPILED_PATHS:  # compiling per validation size would take minutes each
                 continue
             try:
@@ -420,20 +424,30 @@ def _miou(args, builders_for_trained, processor_size, keys, say):
                     raise
                 say(f"  mIoU of {builder.name} {PATHS[key][0]}: failed to build ({type(error).__name__}: {error})")
                 continue
-            result = evaluate_model(_Network(function), builder.processor, validation, config.num_labels,
+            network = _Network(function)
+            result = evaluate_model(network, builder.processor, validation, config.num_labels,
                                     protocol=protocol_for("synthetic", processor_size), progress=False)
             miou[builder.name, key] = 100 * result["mIoU"]
-    return miou
+            if key == "eager":
+                reference = network.labels
+            elif reference is not None:  # the same network inputs, call by call
+                same = sum(int((got == want).sum()) for got, want in zip(network.labels, reference))
+                agreement[builder.name, key] = same / sum(labels.numel() for labels in reference)
+    return miou, agreement
 
 
 class _Network:
-    """A ``pixel_values → logits`` function as the callable network :func:`offseg_hf.segment_image` takes."""
+    """A ``pixel_values → logits`` function as the callable network :func:`offseg_hf.segment_image` takes; keeps
+    the arg-max of every call (``labels``), to compare paths on the same inputs."""
 
     def __init__(self, function):
         self.function = function
+        self.labels = []
 
     def __call__(self, pixel_values):
-        return self.function(pixel_values)
+        logits = self.function(pixel_values)
+        self.labels.append(logits.float().argmax(1))
+        return logits
 
 
 # --------------------------------------------------------------------------------------------------- the table
@@ -443,7 +457,7 @@ def _ms(seconds: float) -> str:
     return f"{milliseconds:.0f}" if milliseconds >= 100 else f"{milliseconds:.{2 - (milliseconds >= 10)}f}"
 
 
-def format_table(results, keys, model, baseline, miou=None) -> str:
+def format_table(results, keys, model, baseline, miou=None, trained_agreement=None) -> str:
     """Markdown table of :func:`_measure_group` results (see the module's docstring for the columns)."""
     import statistics
 
@@ -460,12 +474,15 @@ def format_table(results, keys, model, baseline, miou=None) -> str:
         drift = f"{100 * result['agreement']:.2f} %"
         if miou and (name, key) in miou and (name, "eager") in miou:
             drift += f", mIoU {miou[name, key] - miou[name, 'eager']:+.1f}"
+        if trained_agreement and (name, key) in trained_agreement:
+            drift += f", trained {100 * trained_agreement[name, key]:.2f} %"
         return [_ms(latency), f"{median_ratio(values, eager):.2f}", _ms(result["floor"]),
                 f"{latency / result['floor']:.2f}" if result["floor"] > 0 else "–", drift]
 
     header = ["path", "size, rounds"]
     for name in (model, baseline):
-        header += [f"{name} ms", "× own fp32", "floor ms", "÷ floor", "drift (agreement" + (", mIoU Δ)" if miou else ")")]
+        header += [f"{name} ms", "× own fp32", "floor ms", "÷ floor",
+                   "drift (agreement" + (", mIoU Δ, trained agreement)" if miou else ")")]
     header.append(f"{model} ÷ {baseline}")
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for key in keys:
@@ -557,7 +574,8 @@ def _run(args, quiet) -> int:
     builders = []
     for name, role in zip(names, ("model", "baseline")):
         torch.manual_seed(0)
-        model = prepare_for_inference(build_model(name))
+        with quiet.step(f"{name}: building"):
+            model = prepare_for_inference(build_model(name))
         builders.append(_Builder(name, role, model, processor, args, quiet, work_dir))
 
     groups = {}
@@ -577,18 +595,19 @@ def _run(args, quiet) -> int:
             if key != "eager" or (name, key) not in results:  # eager: the rounds of the fp32 group
                 results[name, key] = result
 
-    miou = {}
+    miou, trained_agreement = {}, {}
     if args.trained or args.trained_baseline:
         from offseg_hf.inference.predict import load_model
 
         trained_builders = []
         for name, role, folder in zip(names, ("model", "baseline"), (args.trained, args.trained_baseline)):
             if folder:
-                trained, trained_processor = load_model(folder, device="cpu")
+                with quiet.step(f"{name}: loading {folder}"):
+                    trained, trained_processor = load_model(folder, device="cpu")
                 trained_builders.append(_Builder(name, role, trained, trained_processor, args, quiet,
                                                  tempfile.mkdtemp(prefix="offseg-deploy-trained-", dir=work_dir)))
         say("mIoU on the synthetic validation set (64² scenes):")
-        miou = _miou(args, trained_builders, 64, keys, say)
+        miou, trained_agreement = _miou(args, trained_builders, 64, keys, say)
 
     training = {}
     if args.train:
@@ -605,8 +624,9 @@ def _run(args, quiet) -> int:
     print("columns: latency = median ms; × own fp32 = median per-round ratio to own eager fp32 at the row's size; "
           "floor = ms per forward in convolutions and matrix products (PyTorch profiler, or ONNX Runtime node "
           "profile for its rows); drift = arg-max agreement with own eager fp32 on synthetic scenes"
-          + ("; mIoU Δ on the synthetic validation set (64²) with the trained model" if miou else ""))
-    print(format_table(results, keys, args.model, args.baseline, miou))
+          + ("; mIoU Δ on the synthetic validation set (64²) with the trained model, and its arg-max agreement with "
+             "eager fp32 on that set" if miou else ""))
+    print(format_table(results, keys, args.model, args.baseline, miou, trained_agreement))
     _print_targets(results, args.model, args.baseline, median_ratio)
     if training:
         print(f"\ntraining: one AdamW step, batch 2, {train_size}², {args.train_runs} timed step(s) after one untimed; "

@@ -183,6 +183,30 @@ def test_deploy_table_has_every_requested_row_and_column_and_is_quiet(tiny_pair,
     assert not _NOISE.search(out + err), _NOISE.search(out + err).group(0)
 
 
+def test_deploy_trained_model_rows_carry_mIoU_and_agreement_on_its_validation_set(tiny_pair, tmp_path, capfd):
+    from benchmarks import deploy
+    from offseg_hf.cli import run_tool
+
+    model, baseline = tiny_pair
+    assert run_tool(deploy, [
+        "--model", model, "--baseline", baseline, "--size", "64", "--runs", "1", "--warmup", "0", "--scenes", "1",
+        "--floor-runs", "1", "--work-dir", str(tmp_path), "--paths", "bf16-autocast", "--no-compile",
+        "--trained", model, "--eval-samples", "3",
+    ]) == 0
+    out, err = capfd.readouterr()
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| path |"))
+    assert "drift (agreement, mIoU Δ, trained agreement)" in header
+    table = itertools.takewhile(lambda line: line.startswith("| "), lines[lines.index(header) + 2:])
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in table}
+    eager, bf16 = rows["eager fp32"][5], rows["bf16 autocast"][5]
+    assert "mIoU +0.0" in eager and "trained" not in eager  # the reference of both
+    agreement = re.search(r"mIoU [+-]\d+\.\d, trained (\d+\.\d\d) %", bf16)
+    assert agreement and 50.0 <= float(agreement.group(1)) <= 100.0, bf16
+    assert "trained" not in rows["bf16 autocast"][10]  # the baseline has no trained folder here
+    assert "Loading weights" not in out + err and not _NOISE.search(out + err)
+
+
 def test_cpu_facts_and_precision_support():
     from benchmarks.deploy import precision_support
     from benchmarks.models import CPU_UNIT_FLAGS, cpu_facts
