@@ -258,18 +258,19 @@ def cpu_facts() -> CpuFacts:
     and no flags known)."""
     import platform
 
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = None, set()
     try:
         with open("/proc/cpuinfo") as file:
             for line in file:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and model in ("", platform.processor() or platform.machine()):
+                if key.strip() == "model name" and model is None:
                     model = value.strip()
                 elif key.strip() == "flags":
                     flags = set(value.split())
                     break
     except OSError:
         pass
+    model = model or platform.processor() or platform.machine()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return CpuFacts(model=model, logical_cpus=os.cpu_count() or 0, flags={f: f in flags for f in CPU_UNIT_FLAGS},
                     load=load)

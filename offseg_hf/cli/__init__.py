@@ -119,15 +119,12 @@ def run_tool(module: ModuleType, argv: list[str] | None = None, *, prog: str | N
     return _run(parser.parse_args(argv), prog, argv)
 
 
-class _TorchaoEnumNotice:
-    """Drops torch's log line "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by
-    torch.compile …", printed twice by every command: ``import transformers`` loads its torchao quantizer, and torchao
-    0.18 registers two enums as pytree constants, which torch 2.14 deprecates. Nothing a user can act on; ``--debug``
-    keeps it."""
-
-    @staticmethod
-    def filter(record) -> bool:
-        return "is an Enum subclass and is now natively supported" not in record.getMessage()
+def _not_torchao_enum_notice(record) -> bool:
+    """A logging filter that drops torch's line "<enum 'KernelPreference'> is an Enum subclass and is now natively
+    supported by torch.compile …", printed twice by every command: ``import transformers`` loads its torchao
+    quantizer, and torchao 0.18 registers two enums as pytree constants, which torch 2.14 deprecates. Nothing a user
+    can act on; ``--debug`` keeps it."""
+    return "is an Enum subclass and is now natively supported" not in record.getMessage()
 
 
 def _run(args: argparse.Namespace, prog: str, argv: list[str] | None) -> int:
@@ -135,7 +132,7 @@ def _run(args: argparse.Namespace, prog: str, argv: list[str] | None) -> int:
     if not args.debug:
         import logging
 
-        logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice)
+        logging.getLogger("torch.utils._pytree").addFilter(_not_torchao_enum_notice)  # once: the same object
     if args.quiet:
         _quiet()
     try:

@@ -327,7 +327,8 @@ class EfficientFormerV2AttentionDownsample(nn.Module):
             self.config._attn_implementation, eager_attention_forward
         )
         bias = self.relative_position(num_queries, num_keys, compute_dtype(query))
-        context, attention = attention_interface(self, query, key, value, bias, scaling=self.scale, **kwargs)  # context: (B, N_q, heads, d_v)
+        # context: (B, N_q, heads, d_v)
+        context, attention = attention_interface(self, query, key, value, bias, scaling=self.scale, **kwargs)
         context = context.permute(0, 2, 3, 1).reshape(batch, -1, height // 2, width // 2) + value_local
         return self.proj(self.act(context)), attention
 

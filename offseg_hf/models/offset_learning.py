@@ -107,6 +107,14 @@ class OffsetLearning(nn.Module):
                 f"{tuple(pixel_embeddings.shape)}; expected (B, C, H, W) with (K, C) or (B, K, C)"
             )
 
+    def _operands(self, pixel_embeddings: torch.Tensor, class_embeddings: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checked E as `(B, HW, C)` and W in the products' dtype (autocast's under autocast: W + ΔW would
+        otherwise be promoted to float32)."""
+        self._check(pixel_embeddings, class_embeddings)
+        class_embeddings = class_embeddings.to(compute_dtype(pixel_embeddings, class_embeddings))
+        return pixel_embeddings.flatten(2).transpose(1, 2), class_embeddings
+
     def align(
         self, pixel_embeddings: torch.Tensor, class_embeddings: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,11 +124,8 @@ class OffsetLearning(nn.Module):
             pixel_embeddings: E as `(B, C, H, W)`.
             class_embeddings: W as `(K, C)` (shared) or `(B, K, C)` (per image).
         """
-        self._check(pixel_embeddings, class_embeddings)
-        # W in the products' dtype (autocast's under autocast): W + ΔW would otherwise be promoted to float32.
-        class_embeddings = class_embeddings.to(compute_dtype(pixel_embeddings, class_embeddings))
+        pixels, class_embeddings = self._operands(pixel_embeddings, class_embeddings)
         batch, channels, height, width = pixel_embeddings.shape
-        pixels = pixel_embeddings.flatten(2).transpose(1, 2)  # E: (B, HW, C)
         attention = self.coupled_attention(pixels, class_embeddings)  # Aᵀ: (B, HW, K)
         aligned_classes = class_embeddings + self.class_offset(attention, pixels)  # W': (B, K, C)
         aligned_pixels = pixels + self.feature_offset(attention, class_embeddings)  # E': (B, HW, C)
@@ -145,11 +150,9 @@ class OffsetLearning(nn.Module):
         E·Wᵀ 15.8 vs 12.1 ms, the K×K mixing 8.9 vs 6.5 ms, interleaved; offset learning of OffSeg-T at 512²: 44 vs
         52 ms). :attr:`class_multiple` sets the rounding.
         """
-        self._check(pixel_embeddings, class_embeddings)
-        class_embeddings = class_embeddings.to(compute_dtype(pixel_embeddings, class_embeddings))  # see align()
+        pixels, class_embeddings = self._operands(pixel_embeddings, class_embeddings)
         num_classes = class_embeddings.shape[-2]
         padding = (0, 0, 0, -num_classes % self.class_multiple)  # zero rows appended to a (…, K, C) matrix
-        pixels = pixel_embeddings.flatten(2).transpose(1, 2)  # E: (B, HW, C)
         attention = self.coupled_attention(pixels, F.pad(class_embeddings, padding))[..., :num_classes]  # Aᵀ: (B, HW, K)
         aligned = F.pad(class_embeddings + self.class_offset(attention, pixels), padding).transpose(1, 2)  # W'ᵀ (B, C, K)
         mixed = self.feature_offset_proj(class_embeddings) @ aligned  # W·P_fᵀ·W'ᵀ: (B, K, K)
